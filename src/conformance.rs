@@ -1,0 +1,352 @@
+//! Replays `optlab-golden-v1` trajectories (gradients recorded against a reference
+//! implementation) through optlab and checks every parameter after every step.
+//!
+//! The reference's hyperparameter names are mapped onto optlab configs here; a hyperparameter
+//! that has no optlab meaning makes the case fail with that reason, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::optim::{Driver, ExtraInput, Mode, NamedParams, OptimConfig, Optimizer, Role};
+
+/// Format tag of golden files.
+pub const GOLDEN_FORMAT: &str = "optlab-golden-v1";
+
+/// Elementwise tolerance: `|actual − expected| ≤ atol + rtol·|expected|`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Tolerance {
+    /// Relative part.
+    pub rtol: f64,
+    /// Absolute part.
+    pub atol: f64,
+}
+
+/// Tolerances per replay dtype.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tolerances {
+    /// For the f64 replay.
+    pub f64: Tolerance,
+    /// For the f32 replay.
+    pub f32: Tolerance,
+}
+
+/// One parameter of a golden case.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenParam {
+    /// Name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Role tag.
+    pub role: Role,
+}
+
+/// A golden case, as stored on disk.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GoldenCase {
+    /// Must be [`GOLDEN_FORMAT`].
+    pub format: String,
+    /// Canonical optimizer name.
+    pub optimizer: String,
+    /// Where the trajectory comes from.
+    #[serde(default)]
+    pub reference: String,
+    /// Reference hyperparameters, by the reference's own names.
+    pub hparams: Map<String, Value>,
+    /// Parameters.
+    pub param_meta: Vec<GoldenParam>,
+    /// Initial values, flat row-major, per parameter.
+    pub init: Vec<Vec<f64>>,
+    /// Gradients: steps × params × flat.
+    pub grads: Vec<Vec<Vec<f64>>>,
+    /// Optional per-step inputs (e.g. Sophia's Hessian).
+    #[serde(default)]
+    pub extra: Map<String, Value>,
+    /// Parameters after each step: steps × params × flat.
+    pub expected: Vec<Vec<Vec<f64>>>,
+    /// Parameters in eval mode after the last step (Schedule-Free).
+    #[serde(default)]
+    pub expected_eval: Option<Vec<Vec<f64>>>,
+    /// Per-step learning rates, when they change.
+    #[serde(default)]
+    pub lr_schedule: Option<Vec<f64>>,
+    /// Tolerances.
+    pub tolerance: Tolerances,
+    /// Notes from the generator.
+    #[serde(default)]
+    pub notes: String,
+}
+
+impl GoldenCase {
+    /// Reads and checks a golden file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        let case: GoldenCase = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not a golden file: {e}")))?;
+        if case.format != GOLDEN_FORMAT {
+            return Err(Error::file(
+                path,
+                format!("format `{}` is not {GOLDEN_FORMAT}", case.format),
+            ));
+        }
+        let n = case.param_meta.len();
+        let numel = |p: &GoldenParam| p.shape.iter().product::<usize>();
+        let bad = |what: &str| {
+            Err(Error::file(
+                path,
+                format!("inconsistent golden file: {what}"),
+            ))
+        };
+        if case.init.len() != n
+            || case
+                .init
+                .iter()
+                .zip(&case.param_meta)
+                .any(|(v, p)| v.len() != numel(p))
+        {
+            return bad("init does not match param_meta");
+        }
+        if case.grads.len() != case.expected.len() {
+            return bad("grads and expected have different step counts");
+        }
+        for step in case.grads.iter().chain(&case.expected) {
+            if step.len() != n
+                || step
+                    .iter()
+                    .zip(&case.param_meta)
+                    .any(|(v, p)| v.len() != numel(p))
+            {
+                return bad("a step's tensors do not match param_meta");
+            }
+        }
+        Ok(case)
+    }
+}
+
+/// What the replay loop must do besides stepping (options that live in the reference's
+/// training loop, not in its optimizer).
+#[derive(Debug, Clone, Default)]
+pub struct LoopOptions {
+    /// Sophia: feed `extra.hessian_grad[t]` as the sampled-label gradient when
+    /// `extra.hessian_consumed[t]` is true.
+    pub hessian_from_extra: bool,
+}
+
+const IMPLEMENTATION_ONLY: &[&str] = &["foreach", "fused", "capturable", "differentiable"];
+
+fn take(h: &mut Map<String, Value>, key: &str) -> Option<Value> {
+    h.remove(key)
+}
+
+/// Maps a reference's hyperparameters onto an optlab config (and loop options).
+pub fn map_hparams(
+    optimizer: &str,
+    hparams: &Map<String, Value>,
+) -> Result<(OptimConfig, LoopOptions)> {
+    let mut h = hparams.clone();
+    for k in IMPLEMENTATION_ONLY {
+        h.remove(*k);
+    }
+    let mut opts = LoopOptions::default();
+    #[allow(clippy::single_match)]
+    match optimizer {
+        "sophia" => {
+            // `hess_interval` is the training loop's k; the replay follows `hessian_consumed`.
+            take(&mut h, "hess_interval");
+            opts.hessian_from_extra = true;
+        }
+        _ => {}
+    }
+    if OptimConfig::default_for(optimizer).is_err() {
+        return Err(Error::Msg(format!(
+            "optimizer `{optimizer}` not supported yet"
+        )));
+    }
+    h.insert("name".into(), Value::String(optimizer.into()));
+    let cfg = OptimConfig::from_json(Value::Object(h))?;
+    Ok((cfg, opts))
+}
+
+/// Worst deviation seen in a replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deviation {
+    /// Largest |a − e|.
+    pub max_abs: f64,
+    /// Largest |a − e| / |e| over elements with |e| ≥ 1e-2.
+    pub max_rel: f64,
+    /// Largest |a − e| / (atol + rtol·|e|); ≤ 1 passes.
+    pub worst_ratio: f64,
+}
+
+/// Outcome of one case in one dtype.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Every step within tolerance.
+    Pass(Deviation),
+    /// The first failure, described.
+    Fail(String),
+}
+
+fn compare(
+    actual: &[f64],
+    expected: &[f64],
+    tol: Tolerance,
+    dev: &mut Deviation,
+) -> Option<(usize, f64, f64)> {
+    let mut first_bad = None;
+    for (k, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let err = (a - e).abs();
+        let allowed = tol.atol + tol.rtol * e.abs();
+        let ratio = if err.is_nan() {
+            f64::INFINITY
+        } else {
+            err / allowed
+        };
+        dev.max_abs = dev.max_abs.max(err);
+        if e.abs() >= 1e-2 {
+            dev.max_rel = dev.max_rel.max(err / e.abs());
+        }
+        dev.worst_ratio = dev.worst_ratio.max(ratio);
+        if ratio > 1.0 && first_bad.is_none() {
+            first_bad = Some((k, a, e));
+        }
+    }
+    first_bad
+}
+
+fn tensor_of(values: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values.to_vec(), shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn values_of(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+/// Replays `case` in `dtype` (f32 or f64).
+pub fn replay(case: &GoldenCase, dtype: DType) -> Outcome {
+    match replay_inner(case, dtype) {
+        Ok(o) => o,
+        Err(e) => Outcome::Fail(e.to_string()),
+    }
+}
+
+fn replay_inner(case: &GoldenCase, dtype: DType) -> Result<Outcome> {
+    let tol = match dtype {
+        DType::F64 => case.tolerance.f64,
+        DType::F32 => case.tolerance.f32,
+        other => {
+            return Err(Error::DType {
+                what: "golden replay".into(),
+                dtype: other,
+            })
+        }
+    };
+    let (config, opts) = map_hparams(&case.optimizer, &case.hparams)?;
+    let mut vars = Vec::new();
+    for (p, init) in case.param_meta.iter().zip(&case.init) {
+        vars.push((
+            p.name.clone(),
+            Var::from_tensor(&tensor_of(init, &p.shape, dtype)?)?,
+        ));
+    }
+    let mut params = NamedParams::new(vars.clone())?;
+    for p in &case.param_meta {
+        params.set_role(&p.name, p.role)?;
+    }
+    let mut opt = Driver::new(config, params)?;
+    let mut dev = Deviation::default();
+    let extra_steps = |key: &str| -> Result<Option<Vec<Value>>> {
+        match case.extra.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a.clone())),
+            Some(_) => Err(Error::Msg(format!("extra.{key} is not a list"))),
+        }
+    };
+    let consumed = extra_steps("hessian_consumed")?;
+    let hessian_grad = extra_steps("hessian_grad")?;
+    for (s, step_grads) in case.grads.iter().enumerate() {
+        if let Some(lrs) = &case.lr_schedule {
+            let lr = *lrs.get(s).ok_or_else(|| {
+                Error::Msg(format!("lr_schedule has no entry for step {}", s + 1))
+            })?;
+            opt.set_lr(lr);
+        }
+        let mut grads = BTreeMap::new();
+        for (p, g) in case.param_meta.iter().zip(step_grads) {
+            grads.insert(p.name.clone(), tensor_of(g, &p.shape, dtype)?);
+        }
+        opt.step_named(&grads)?;
+        if opts.hessian_from_extra {
+            let (Some(consumed), Some(hg)) = (&consumed, &hessian_grad) else {
+                return Err(Error::Msg(
+                    "sophia case lacks extra.hessian_consumed / hessian_grad".into(),
+                ));
+            };
+            if consumed.get(s).and_then(Value::as_bool).unwrap_or(false) {
+                let per_param: Vec<Vec<f64>> = serde_json::from_value(hg[s].clone())
+                    .map_err(|e| Error::Msg(format!("extra.hessian_grad[{s}]: {e}")))?;
+                let mut values = BTreeMap::new();
+                for (p, v) in case.param_meta.iter().zip(&per_param) {
+                    values.insert(p.name.clone(), tensor_of(v, &p.shape, dtype)?);
+                }
+                opt.observe_named(ExtraInput::HessianGrad, &values)?;
+            }
+        }
+        let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
+        for (pi, p) in case.param_meta.iter().enumerate() {
+            let actual = values_of(&current[&p.name])?;
+            if let Some((k, a, e)) = compare(&actual, &case.expected[s][pi], tol, &mut dev) {
+                return Ok(Outcome::Fail(format!(
+                    "step {} param {} [{k}]: got {a:e}, expected {e:e} (|diff| {:.3e} > atol {:e} + rtol {:e}·|e|)",
+                    s + 1,
+                    p.name,
+                    (a - e).abs(),
+                    tol.atol,
+                    tol.rtol
+                )));
+            }
+        }
+    }
+    if let Some(expected_eval) = &case.expected_eval {
+        let eval: BTreeMap<String, Tensor> = opt.eval_params()?.into_iter().collect();
+        for (pi, p) in case.param_meta.iter().enumerate() {
+            let actual = values_of(&eval[&p.name])?;
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+                return Ok(Outcome::Fail(format!(
+                    "eval params {} [{k}]: got {a:e}, expected {e:e}",
+                    p.name
+                )));
+            }
+        }
+        // Switching to eval mode must land the parameters on the same point.
+        opt.set_mode(Mode::Eval)?;
+        let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
+        for (pi, p) in case.param_meta.iter().enumerate() {
+            let actual = values_of(&current[&p.name])?;
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+                return Ok(Outcome::Fail(format!(
+                    "eval mode {} [{k}]: got {a:e}, expected {e:e}",
+                    p.name
+                )));
+            }
+        }
+    }
+    Ok(Outcome::Pass(dev))
+}
+
+/// Formats one result line: `PASS <file> f64 max_rel_err=…` or `FAIL <file> f32 <reason>`.
+pub fn report_line(file: &str, dtype: DType, outcome: &Outcome) -> String {
+    let d = if dtype == DType::F64 { "f64" } else { "f32" };
+    match outcome {
+        Outcome::Pass(dev) => format!(
+            "PASS {file} {d} max_rel_err={:.3e} max_abs_err={:.3e} worst_tolerance_ratio={:.3}",
+            dev.max_rel, dev.max_abs, dev.worst_ratio
+        ),
+        Outcome::Fail(reason) => format!("FAIL {file} {d} {reason}"),
+    }
+}

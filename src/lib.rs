@@ -1,0 +1,12 @@
+//! # optlab
+//!
+//! Optimizer research on language models, on candle: SOAP, Shampoo, AdEMAMix,
+//! Simplified-AdEMAMix, Adalayer and the baselines their papers compare against, each exact
+//! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
+
+pub mod conformance;
+pub mod error;
+pub mod io;
+pub mod optim;
+
+pub use error::{Error, Result};

@@ -1,0 +1,117 @@
+//! Typed optimizer configs: one serde struct per optimizer, and [`OptimConfig`], the enum over
+//! all of them, tagged by `name` so a TOML table selects one:
+//!
+//! ```toml
+//! name = "adamw"
+//! lr = 3e-4
+//! betas = [0.9, 0.95]
+//! weight_decay = 0.1
+//! ```
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::optim::rule::Rule;
+
+/// What every optimizer config provides to the driver.
+pub trait RuleConfig: Serialize + DeserializeOwned + Default + Clone + std::fmt::Debug {
+    /// Canonical lower-case name.
+    const NAME: &'static str;
+    /// Checks every field, naming the first bad one.
+    fn validate(&self) -> Result<()>;
+    /// Base learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the base learning rate.
+    fn set_lr(&mut self, lr: f64);
+    /// Weight decay.
+    fn weight_decay(&self) -> f64;
+    /// Sets the weight decay.
+    fn set_weight_decay(&mut self, wd: f64);
+    /// Builds the per-tensor rule (after validation).
+    fn build(&self) -> Result<Box<dyn Rule>>;
+}
+
+macro_rules! optimizers {
+    ($($variant:ident($cfg:ty)),* $(,)?) => {
+        /// Any optimizer's config, tagged by `name`.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(tag = "name", rename_all = "snake_case")]
+        #[allow(clippy::large_enum_variant)]
+        pub enum OptimConfig {
+            $(
+                #[doc = concat!("See [`", stringify!($cfg), "`].")]
+                $variant($cfg),
+            )*
+        }
+
+        impl OptimConfig {
+            /// Every registered optimizer name.
+            pub const NAMES: &'static [&'static str] = &[$(<$cfg as RuleConfig>::NAME),*];
+
+            /// The canonical name.
+            pub fn name(&self) -> &'static str {
+                match self { $(OptimConfig::$variant(_) => <$cfg as RuleConfig>::NAME,)* }
+            }
+            /// Validates every field.
+            pub fn validate(&self) -> Result<()> {
+                match self { $(OptimConfig::$variant(c) => c.validate(),)* }
+            }
+            /// Base learning rate.
+            pub fn lr(&self) -> f64 {
+                match self { $(OptimConfig::$variant(c) => c.lr(),)* }
+            }
+            /// Sets the base learning rate.
+            pub fn set_lr(&mut self, lr: f64) {
+                match self { $(OptimConfig::$variant(c) => c.set_lr(lr),)* }
+            }
+            /// Weight decay.
+            pub fn weight_decay(&self) -> f64 {
+                match self { $(OptimConfig::$variant(c) => c.weight_decay(),)* }
+            }
+            /// Sets the weight decay.
+            pub fn set_weight_decay(&mut self, wd: f64) {
+                match self { $(OptimConfig::$variant(c) => c.set_weight_decay(wd),)* }
+            }
+            /// Validates, then builds the rule.
+            pub fn build_rule(&self) -> Result<Box<dyn Rule>> {
+                self.validate()?;
+                match self { $(OptimConfig::$variant(c) => c.build(),)* }
+            }
+            /// The default config of the optimizer called `name`.
+            pub fn default_for(name: &str) -> Result<Self> {
+                $(if name == <$cfg as RuleConfig>::NAME {
+                    return Ok(OptimConfig::$variant(<$cfg>::default()));
+                })*
+                Err(Error::config("name", format!(
+                    "unknown optimizer `{name}`; known: {}", Self::NAMES.join(", "))))
+            }
+        }
+    };
+}
+
+optimizers! {
+    Adamw(crate::optim::adamw::AdamWConfig),
+}
+
+impl OptimConfig {
+    /// Parses a TOML table (with a `name` key) into a validated config.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: OptimConfig =
+            toml::from_str(text).map_err(|e| Error::config("optimizer", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a JSON object (with a `name` key) into a validated config.
+    pub fn from_json(value: serde_json::Value) -> Result<Self> {
+        let cfg: OptimConfig =
+            serde_json::from_value(value).map_err(|e| Error::config("optimizer", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// JSON text of this config (stored in state headers).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}

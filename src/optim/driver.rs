@@ -1,0 +1,500 @@
+//! The one driver behind every optimizer: it owns parameter names and roles, group membership,
+//! missing gradients, input checks, learning rate and weight decay per group, the step counter,
+//! modes, and state I/O. Rules only say how one tensor moves.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::optim::config::OptimConfig;
+use crate::optim::fused::{all_finite, prepare_grad};
+use crate::optim::groups::OptimizerSpec;
+use crate::optim::params::{NamedParams, ParamMeta};
+use crate::optim::rule::{ExtraInput, Mode, Rule, StepCtx};
+use crate::optim::state::{State, StateDict};
+use crate::optim::Optimizer;
+
+/// What to do when a gradient holds NaN or infinity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Refuse the step with [`Error::NonFiniteGradient`]; nothing changes.
+    #[default]
+    Error,
+    /// Skip the whole step (no parameter or state changes, the step counter does not advance)
+    /// and count it in [`Driver::skipped_steps`].
+    Skip,
+}
+
+struct Group {
+    label: String,
+    config: OptimConfig,
+    rule: Box<dyn Rule>,
+    base_lr: f64,
+    weight_decay: f64,
+    state: State,
+}
+
+struct Slot {
+    meta: ParamMeta,
+    var: Var,
+    group: usize,
+    state: State,
+}
+
+/// A named-parameter optimizer built from an [`OptimizerSpec`].
+pub struct Driver {
+    spec: OptimizerSpec,
+    groups: Vec<Group>,
+    slots: Vec<Slot>,
+    step: u64,
+    lr_factor: f64,
+    mode: Mode,
+    nonfinite: NonFinitePolicy,
+    skipped: u64,
+}
+
+fn group_key(i: usize) -> String {
+    format!("__group{i}")
+}
+
+impl Driver {
+    /// Builds the optimizer over `params` (sorted by name) as `spec` says.
+    pub fn new(spec: impl Into<OptimizerSpec>, params: NamedParams) -> Result<Self> {
+        let spec = spec.into();
+        let params = params.into_vec();
+        let metas: Vec<ParamMeta> = params.iter().map(|p| p.meta.clone()).collect();
+        let resolved = spec.assign(&metas)?;
+        let mut slots: Vec<Slot> = params
+            .into_iter()
+            .map(|p| Slot {
+                meta: p.meta,
+                var: p.var,
+                group: 0,
+                state: State::default(),
+            })
+            .collect();
+        let mut groups = Vec::new();
+        for (gi, g) in resolved.into_iter().enumerate() {
+            let rule = g.config.build_rule()?;
+            for &pi in &g.members {
+                slots[pi].group = gi;
+                rule.check_param(&slots[pi].meta)?;
+                let dtype = slots[pi].var.dtype();
+                if !matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64) {
+                    return Err(Error::DType {
+                        what: slots[pi].meta.name.clone(),
+                        dtype,
+                    });
+                }
+            }
+            groups.push(Group {
+                label: g.label,
+                base_lr: g.config.lr(),
+                weight_decay: g.config.weight_decay(),
+                config: g.config,
+                rule,
+                state: State::default(),
+            });
+        }
+        Ok(Self {
+            spec,
+            groups,
+            slots,
+            step: 0,
+            lr_factor: 1.0,
+            mode: Mode::Train,
+            nonfinite: NonFinitePolicy::Error,
+            skipped: 0,
+        })
+    }
+
+    /// Sets the policy for non-finite gradients.
+    pub fn with_nonfinite_policy(mut self, policy: NonFinitePolicy) -> Self {
+        self.nonfinite = policy;
+        self
+    }
+
+    /// Steps skipped because of non-finite gradients (with [`NonFinitePolicy::Skip`]).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The spec this optimizer was built from.
+    pub fn spec(&self) -> &OptimizerSpec {
+        &self.spec
+    }
+
+    /// Group labels with their member parameter names.
+    pub fn group_members(&self) -> Vec<(String, Vec<String>)> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                (
+                    g.label.clone(),
+                    self.slots
+                        .iter()
+                        .filter(|s| s.group == gi)
+                        .map(|s| s.meta.name.clone())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The config a group runs with.
+    pub fn group_config(&self, label: &str) -> Option<&OptimConfig> {
+        self.groups
+            .iter()
+            .find(|g| g.label == label)
+            .map(|g| &g.config)
+    }
+
+    /// The state of one parameter (empty before its first update).
+    pub fn param_state(&self, name: &str) -> Option<&State> {
+        self.slots
+            .iter()
+            .find(|s| s.meta.name == name)
+            .map(|s| &s.state)
+    }
+
+    /// Gradients for every slot (None where missing), checked for shape, dtype and finiteness.
+    /// Returns `Ok(None)` when the step must be skipped under [`NonFinitePolicy::Skip`].
+    fn collect(
+        &self,
+        lookup: &dyn Fn(&Var) -> Option<Tensor>,
+    ) -> Result<Option<Vec<Option<Tensor>>>> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let Some(g) = lookup(&slot.var) else {
+                out.push(None);
+                continue;
+            };
+            if g.dims() != slot.meta.shape.as_slice() {
+                return Err(Error::Shape {
+                    param: slot.meta.name.clone(),
+                    expected: slot.meta.shape.clone(),
+                    got: g.dims().to_vec(),
+                });
+            }
+            let g = prepare_grad(&g, slot.var.dtype())?;
+            if !all_finite(&g)? {
+                match self.nonfinite {
+                    NonFinitePolicy::Error => {
+                        return Err(Error::NonFiniteGradient {
+                            param: slot.meta.name.clone(),
+                            step: self.step + 1,
+                        })
+                    }
+                    NonFinitePolicy::Skip => return Ok(None),
+                }
+            }
+            out.push(Some(g));
+        }
+        Ok(Some(out))
+    }
+
+    /// One step from gradients given by a lookup (by variable).
+    pub fn step_with(&mut self, lookup: &dyn Fn(&Var) -> Option<Tensor>) -> Result<()> {
+        if self.mode != Mode::Train {
+            return Err(Error::Msg(
+                "optimizer is in eval mode: call train() before stepping".into(),
+            ));
+        }
+        let Some(grads) = self.collect(lookup)? else {
+            self.skipped += 1;
+            return Ok(());
+        };
+        self.step += 1;
+        for g in &mut self.groups {
+            let lr = g.base_lr * self.lr_factor;
+            g.rule.begin_step(lr, &mut g.state)?;
+        }
+        for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            let Some(grad) = grad else { continue };
+            let group = &self.groups[slot.group];
+            let ctx = StepCtx {
+                lr: group.base_lr * self.lr_factor,
+                lr_factor: self.lr_factor,
+                weight_decay: group.weight_decay,
+                step: self.step,
+                group: &group.state,
+            };
+            group
+                .rule
+                .update(&ctx, &slot.meta, &slot.var, &grad, &mut slot.state)?;
+        }
+        Ok(())
+    }
+
+    /// One step from parameter-name → gradient pairs (missing names are skipped; unknown names
+    /// are an error).
+    pub fn step_named(&mut self, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+        for name in grads.keys() {
+            if !self.slots.iter().any(|s| &s.meta.name == name) {
+                return Err(Error::Msg(format!(
+                    "gradient for unknown parameter `{name}`"
+                )));
+            }
+        }
+        let by_id: std::collections::HashMap<_, _> = self
+            .slots
+            .iter()
+            .filter_map(|s| grads.get(&s.meta.name).map(|g| (s.var.id(), g.clone())))
+            .collect();
+        self.step_with(&|v: &Var| by_id.get(&v.id()).cloned())
+    }
+
+    fn observe_with(
+        &mut self,
+        input: ExtraInput,
+        lookup: &dyn Fn(&Var) -> Option<Tensor>,
+    ) -> Result<()> {
+        let Some(values) = self.collect(lookup)? else {
+            return Err(Error::Msg(format!(
+                "non-finite values in extra input {input:?}"
+            )));
+        };
+        for (slot, v) in self.slots.iter_mut().zip(values) {
+            let Some(v) = v else { continue };
+            self.groups[slot.group].rule.observe(
+                input,
+                &slot.meta,
+                &slot.var,
+                &v,
+                &mut slot.state,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Extra input by parameter name (see [`Optimizer::observe`]).
+    pub fn observe_named(
+        &mut self,
+        input: ExtraInput,
+        values: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let by_id: std::collections::HashMap<_, _> = self
+            .slots
+            .iter()
+            .filter_map(|s| values.get(&s.meta.name).map(|g| (s.var.id(), g.clone())))
+            .collect();
+        self.observe_with(input, &|v: &Var| by_id.get(&v.id()).cloned())
+    }
+
+    fn default_base_lr(&self) -> f64 {
+        self.groups[0].base_lr
+    }
+}
+
+impl Optimizer for Driver {
+    fn name(&self) -> &str {
+        self.spec.optimizer.name()
+    }
+
+    fn params(&self) -> Vec<ParamMeta> {
+        self.slots.iter().map(|s| s.meta.clone()).collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.slots
+            .iter()
+            .map(|s| (s.meta.name.clone(), s.var.clone()))
+            .collect()
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(&|v: &Var| grads.get(v.as_tensor()).cloned())
+    }
+
+    fn lr(&self) -> f64 {
+        self.default_base_lr() * self.lr_factor
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        let base = self.default_base_lr();
+        self.lr_factor = if base > 0.0 { lr / base } else { 1.0 };
+    }
+
+    fn lr_factor(&self) -> f64 {
+        self.lr_factor
+    }
+
+    fn set_lr_factor(&mut self, factor: f64) {
+        self.lr_factor = factor;
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn observe(&mut self, input: ExtraInput, values: &GradStore) -> Result<()> {
+        self.observe_with(input, &|v: &Var| values.get(v.as_tensor()).cloned())
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        if mode == self.mode {
+            return Ok(());
+        }
+        for slot in &mut self.slots {
+            let g = &self.groups[slot.group];
+            g.rule
+                .switch_mode(mode, &slot.meta, &slot.var, &mut slot.state, &g.state)?;
+        }
+        self.mode = mode;
+        Ok(())
+    }
+
+    fn eval_params(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let g = &self.groups[slot.group];
+            let t =
+                match g
+                    .rule
+                    .eval_value(&slot.meta, &slot.var, &slot.state, &g.state, self.mode)?
+                {
+                    Some(t) => t,
+                    None => slot.var.as_tensor().copy()?,
+                };
+            out.push((slot.meta.name.clone(), t));
+        }
+        Ok(out)
+    }
+
+    fn diagnostics(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        out.insert("skipped_steps".into(), self.skipped as f64);
+        for slot in &self.slots {
+            let mut d = BTreeMap::new();
+            self.groups[slot.group]
+                .rule
+                .diagnostics(&slot.state, &mut d);
+            for (k, v) in d {
+                *out.entry(k).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    fn state_dict(&self) -> Result<StateDict> {
+        let mut entries = BTreeMap::new();
+        for slot in &self.slots {
+            if !slot.state.is_empty() {
+                entries.insert(slot.meta.name.clone(), slot.state.deep_clone()?);
+            }
+        }
+        for (gi, g) in self.groups.iter().enumerate() {
+            if !g.state.is_empty() {
+                entries.insert(group_key(gi), g.state.deep_clone()?);
+            }
+        }
+        let mut extra = BTreeMap::new();
+        extra.insert("lr_factor".into(), format!("{:e}", self.lr_factor));
+        extra.insert(
+            "lr_factor_bits".into(),
+            self.lr_factor.to_bits().to_string(),
+        );
+        extra.insert("mode".into(), format!("{:?}", self.mode).to_lowercase());
+        extra.insert("skipped".into(), self.skipped.to_string());
+        extra.insert(
+            "params".into(),
+            serde_json::to_string(&self.params()).map_err(|e| Error::State(e.to_string()))?,
+        );
+        Ok(StateDict {
+            optimizer: self.name().to_string(),
+            config: serde_json::to_string(&self.spec).map_err(|e| Error::State(e.to_string()))?,
+            step: self.step,
+            entries,
+            extra,
+        })
+    }
+
+    fn load_state_dict(&mut self, sd: StateDict) -> Result<()> {
+        if sd.optimizer != self.name() {
+            return Err(Error::State(format!(
+                "state was saved by `{}`, this optimizer is `{}`",
+                sd.optimizer,
+                self.name()
+            )));
+        }
+        if let Some(saved) = sd.extra.get("params") {
+            let saved: Vec<ParamMeta> = serde_json::from_str(saved)
+                .map_err(|e| Error::State(format!("bad parameter list in state: {e}")))?;
+            let mine = self.params();
+            let names = |v: &[ParamMeta]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+            if names(&saved) != names(&mine) {
+                return Err(Error::State(format!(
+                    "state is for another parameter set: saved {:?}, this optimizer has {:?}",
+                    names(&saved),
+                    names(&mine)
+                )));
+            }
+            for (a, b) in saved.iter().zip(&mine) {
+                if a.shape != b.shape {
+                    return Err(Error::State(format!(
+                        "parameter `{}` has shape {:?} here but {:?} in the state file",
+                        b.name, b.shape, a.shape
+                    )));
+                }
+            }
+        }
+        let mut new_slots: Vec<State> = vec![State::default(); self.slots.len()];
+        let mut new_groups: Vec<State> = vec![State::default(); self.groups.len()];
+        for (key, state) in sd.entries {
+            if let Some(pi) = self.slots.iter().position(|s| s.meta.name == key) {
+                let slot = &self.slots[pi];
+                for (field, t) in &state.tensors {
+                    if t.dtype() != slot.var.dtype() && t.dtype() != candle_core::DType::F64 {
+                        return Err(Error::State(format!(
+                            "`{key}.{field}` has dtype {:?}, parameter has {:?}",
+                            t.dtype(),
+                            slot.var.dtype()
+                        )));
+                    }
+                }
+                self.groups[slot.group]
+                    .rule
+                    .check_state(&slot.meta, &state)?;
+                new_slots[pi] = state;
+            } else if let Some(gi) = (0..self.groups.len()).find(|&gi| group_key(gi) == key) {
+                new_groups[gi] = state;
+            } else {
+                return Err(Error::State(format!(
+                    "state holds `{key}`, which is not a parameter of this optimizer"
+                )));
+            }
+        }
+        let get = |k: &str| sd.extra.get(k).cloned();
+        let lr_factor = match get("lr_factor_bits") {
+            Some(b) => f64::from_bits(
+                b.parse()
+                    .map_err(|e| Error::State(format!("bad lr_factor: {e}")))?,
+            ),
+            None => 1.0,
+        };
+        let mode = match get("mode").as_deref() {
+            Some("eval") => Mode::Eval,
+            _ => Mode::Train,
+        };
+        let skipped = get("skipped").and_then(|s| s.parse().ok()).unwrap_or(0);
+        for (slot, st) in self.slots.iter_mut().zip(new_slots) {
+            slot.state = st;
+        }
+        for (g, st) in self.groups.iter_mut().zip(new_groups) {
+            g.state = st;
+        }
+        self.step = sd.step;
+        self.lr_factor = lr_factor;
+        self.mode = mode;
+        self.skipped = skipped;
+        Ok(())
+    }
+}
