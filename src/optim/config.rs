@@ -91,6 +91,8 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    Adafactor(crate::optim::adafactor::AdafactorConfig),
+    AdafactorHf(crate::optim::adafactor_hf::AdafactorHfConfig),
 }
 
 impl OptimConfig {

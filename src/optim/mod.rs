@@ -2,6 +2,8 @@
 //! [`Driver`](driver::Driver) behind it, and one small file per optimizer implementing the
 //! per-tensor [`Rule`](rule::Rule).
 
+pub mod adafactor;
+pub mod adafactor_hf;
 pub mod adamw;
 pub mod config;
 pub mod driver;
