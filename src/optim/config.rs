@@ -91,6 +91,10 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    SchedulefreeAdamw(crate::optim::schedule_free::ScheduleFreeAdamWConfig),
+    SchedulefreeSgd(crate::optim::schedule_free::ScheduleFreeSgdConfig),
+    Mars(crate::optim::mars::MarsConfig),
+    Muon(crate::optim::muon::MuonConfig),
 }
 
 impl OptimConfig {
