@@ -34,11 +34,12 @@
 //!      `observe(ExtraInput::PreviousGrad, …)` (stored as `previous_grad`);
 //!   2. compute the gradient of batch ξ_t at x_t and call `step` (which uses `last_grad`, zeros
 //!      at t = 1);
-//!   3. the step ends with `last_grad ← previous_grad` (moved, so a step without a fresh
-//!      `observe` is refused rather than silently reusing a stale gradient).
+//!   3. the step ends with `last_grad ← previous_grad`. The input is moved, not copied: a step
+//!      without a fresh `observe` is refused (before any parameter moves) where the reference
+//!      would silently reuse the stale gradient.
 //!
 //!   This costs two forward/backward passes per step and a data loader that looks one batch
-//!   ahead. Only MARS-path tensors need the input; AdamW-path tensors ignore it.
+//!   ahead. AdamW-path tensors take the input too and discard it at the step.
 //!
 //! Numerics: the reference runs mars-shampoo's Newton–Schulz in bfloat16; here it runs in the
 //! parameter dtype ([`newton_schulz`] with [`NsForm::Mars`], 5 steps, normalized by ‖M‖ + ε).
@@ -361,16 +362,22 @@ impl Rule for Mars {
         grad: &Tensor,
         state: &mut State,
     ) -> Result<()> {
+        // Checked for every tensor before anything moves, so that a step without a fresh
+        // previous gradient is refused at its first parameter with nothing changed.
+        let previous = if self.0.is_approx {
+            None
+        } else {
+            Some(state.tensors.remove("previous_grad").ok_or_else(|| {
+                Error::Msg(format!(
+                    "mars (is_approx = false): no previous gradient for `{}`; call \
+                     observe(ExtraInput::PreviousGrad, …) with the next batch's gradient at \
+                     the current parameters before every step",
+                    meta.name
+                ))
+            })?)
+        };
         if !self.mars_path(meta) {
             return self.adamw_path(ctx, param, grad, state);
-        }
-        if !self.0.is_approx && !state.tensors.contains_key("previous_grad") {
-            return Err(Error::Msg(format!(
-                "mars (is_approx = false): no previous gradient for `{}`; call \
-                 observe(ExtraInput::PreviousGrad, …) with the next batch's gradient at the \
-                 current parameters before every step",
-                meta.name
-            )));
         }
         let t = state.next_step();
         state.tensor_or_zeros("exp_avg", param)?;
@@ -383,12 +390,8 @@ impl Rule for Mars {
         }
         with_float!(param.dtype(), "mars", T =>
             self.mars_typed::<T>(ctx, meta, param, grad, state, t))?;
-        if !self.0.is_approx {
-            let prev = state
-                .tensors
-                .remove("previous_grad")
-                .expect("checked above");
-            state.tensors.insert("last_grad".into(), prev);
+        if let Some(previous) = previous {
+            state.tensors.insert("last_grad".into(), previous);
         }
         Ok(())
     }
@@ -396,7 +399,7 @@ impl Rule for Mars {
     fn observe(
         &self,
         input: ExtraInput,
-        meta: &ParamMeta,
+        _meta: &ParamMeta,
         _param: &Var,
         value: &Tensor,
         state: &mut State,
@@ -413,10 +416,10 @@ impl Rule for Mars {
                     .into(),
             ));
         }
-        if self.mars_path(meta) {
-            // A copy: the caller's gradient buffer may be reused before the step.
-            state.tensors.insert("previous_grad".into(), value.copy()?);
-        }
+        // A copy: the caller's gradient buffer may be reused before the step. AdamW-path tensors
+        // do not use it but keep it too (as the reference does), so that every tensor can tell
+        // whether this step was observed.
+        state.tensors.insert("previous_grad".into(), value.copy()?);
         Ok(())
     }
 
@@ -430,6 +433,315 @@ impl Rule for Mars {
         ] {
             expect_state_shape(meta, state, f, &meta.shape)?;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::optim::adamw::AdamWConfig;
+    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+
+    fn det(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    const SHAPES: [(&str, &[usize]); 2] = [("b", &[5]), ("w", &[3, 4])];
+
+    fn driver(cfg: OptimConfig) -> Result<Driver> {
+        let vars = SHAPES.iter().enumerate().map(|(i, (name, shape))| {
+            let n = shape.iter().product();
+            let t = Tensor::from_vec(det(n, 1 + i as u64, 1.0), *shape, &Device::Cpu).unwrap();
+            (name.to_string(), Var::from_tensor(&t).unwrap())
+        });
+        Driver::new(cfg, NamedParams::new(vars)?)
+    }
+
+    fn grads(seed: u64, scale: f64) -> BTreeMap<String, Tensor> {
+        SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n = shape.iter().product();
+                let v = det(n, seed * 10 + i as u64, scale);
+                (
+                    name.to_string(),
+                    Tensor::from_vec(v, *shape, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn values(opt: &Driver) -> Vec<Vec<f64>> {
+        opt.vars()
+            .iter()
+            .map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    }
+
+    fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn exact(cfg: &MarsConfig) -> OptimConfig {
+        OptimConfig::Mars(MarsConfig {
+            is_approx: false,
+            ..cfg.clone()
+        })
+    }
+
+    #[test]
+    fn exact_fed_the_current_gradient_equals_approximate() -> Result<()> {
+        // With PreviousGrad = this step's gradient, the step ends with last_grad = g_t, which is
+        // exactly what the approximate variant keeps.
+        let cfg = MarsConfig {
+            weight_decay: 0.01,
+            amsgrad: true,
+            ..Default::default()
+        };
+        let mut approx = driver(OptimConfig::Mars(cfg.clone()))?;
+        let mut exact = driver(exact(&cfg))?;
+        for s in 0..6 {
+            let g = grads(s, if s % 2 == 0 { 0.05 } else { 2.0 });
+            approx.step_named(&g)?;
+            exact.observe_named(ExtraInput::PreviousGrad, &g)?;
+            exact.step_named(&g)?;
+        }
+        assert_eq!(values(&approx), values(&exact));
+        Ok(())
+    }
+
+    #[test]
+    fn exact_fed_the_next_gradient_is_adamw_on_the_raw_gradient() -> Result<()> {
+        // If ∇f(x_{t−1}, ξ_t) equals g_t the correction vanishes (c = g). Feeding the next
+        // step's gradient one step ahead arranges that from step 2 on; a zero first gradient
+        // makes c₁ = 0 = g₁ too. With ‖g‖ ≤ 1 nothing is clipped, so the 2-D tensor follows AdamW
+        // with the MARS betas/lr/decay, and the 1-D tensor AdamW with the 1-D settings.
+        let cfg = MarsConfig {
+            lr: 0.01,
+            weight_decay: 0.05,
+            lr_1d: 0.004,
+            ..Default::default()
+        };
+        let seq: Vec<BTreeMap<String, Tensor>> = (0..6)
+            .map(|s| grads(s, if s == 0 { 0.0 } else { 0.1 }))
+            .collect();
+        let mut mars = driver(exact(&cfg))?;
+        for s in 0..seq.len() {
+            let ahead = seq.get(s + 1).unwrap_or(&seq[s]);
+            mars.observe_named(ExtraInput::PreviousGrad, ahead)?;
+            mars.step_named(&seq[s])?;
+        }
+        let adamw = |lr, betas, wd| -> Result<Vec<Vec<f64>>> {
+            let mut opt = driver(OptimConfig::Adamw(AdamWConfig {
+                lr,
+                betas,
+                eps: cfg.eps,
+                weight_decay: wd,
+                ..Default::default()
+            }))?;
+            for g in &seq {
+                opt.step_named(g)?;
+            }
+            Ok(values(&opt))
+        };
+        let matrix = adamw(cfg.lr, cfg.betas, cfg.weight_decay)?;
+        let vector = adamw(cfg.lr_1d, cfg.betas_1d, cfg.weight_decay_1d)?;
+        let got = values(&mars);
+        assert!(max_diff(&got[1..], &matrix[1..]) < 1e-14, "2-D path");
+        assert!(max_diff(&got[..1], &vector[..1]) < 1e-14, "1-D path");
+        Ok(())
+    }
+
+    #[test]
+    fn exact_refuses_a_step_without_previous_gradient() -> Result<()> {
+        let mut opt = driver(exact(&MarsConfig::default()))?;
+        let before = values(&opt);
+        let err = opt.step_named(&grads(1, 0.1)).unwrap_err().to_string();
+        assert!(err.contains("PreviousGrad"), "{err}");
+        assert_eq!(values(&opt), before);
+        // One observe covers one step only.
+        opt.observe_named(ExtraInput::PreviousGrad, &grads(2, 0.1))?;
+        opt.step_named(&grads(1, 0.1))?;
+        assert!(opt.step_named(&grads(2, 0.1)).is_err());
+        // The approximate variant takes no previous gradient.
+        let mut approx = driver(OptimConfig::Mars(MarsConfig::default()))?;
+        assert!(approx
+            .observe_named(ExtraInput::PreviousGrad, &grads(2, 0.1))
+            .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn last_grad_is_a_copy() -> Result<()> {
+        let mut opt = driver(OptimConfig::Mars(MarsConfig::default()))?;
+        let g = Var::from_vec(det(12, 5, 0.3), (3, 4), &Device::Cpu)?;
+        let mut map = BTreeMap::new();
+        map.insert("w".to_string(), g.as_tensor().clone());
+        opt.step_named(&map)?;
+        let saved = opt.param_state("w").unwrap().tensor("last_grad")?.copy()?;
+        g.set(&Tensor::zeros(
+            (3, 4),
+            candle_core::DType::F64,
+            &Device::Cpu,
+        )?)?;
+        let after = opt.param_state("w").unwrap().tensor("last_grad")?;
+        assert_eq!(
+            saved.flatten_all()?.to_vec1::<f64>()?,
+            after.flatten_all()?.to_vec1::<f64>()?
+        );
+        assert_eq!(after.flatten_all()?.to_vec1::<f64>()?, det(12, 5, 0.3));
+        Ok(())
+    }
+
+    #[test]
+    fn lion_and_shampoo_first_steps() -> Result<()> {
+        // Step 1: c = g·(1 + γβ1/(1−β1)) (clipped to unit norm), m = (1 − β1)·c.
+        let cfg = MarsConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (b1, gamma, lr) = (cfg.betas.0, cfg.gamma, cfg.lr);
+        let g = grads(3, 1.0);
+        let c: Vec<f64> = g["w"]
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .iter()
+            .map(|g| g * (1.0 + gamma * b1 / (1.0 - b1)))
+            .collect();
+        let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let c: Vec<f64> = c
+            .iter()
+            .map(|x| if norm > 1.0 { x / norm } else { *x })
+            .collect();
+        let p0 = det(12, 2, 1.0);
+
+        let mut lion = driver(OptimConfig::Mars(MarsConfig {
+            mars_type: MarsType::Lion,
+            ..cfg.clone()
+        }))?;
+        let mut zero = g.clone();
+        zero.insert(
+            "w".into(),
+            Tensor::zeros((3, 4), candle_core::DType::F64, &Device::Cpu)?,
+        );
+        lion.step_named(&zero)?;
+        // sign(0) = 0: only the decay moves the parameter.
+        let want: Vec<f64> = p0.iter().map(|p| p - lr * (0.1 * p)).collect();
+        assert!(max_diff(&values(&lion)[1..], &[want]) < 1e-16);
+
+        let mut shampoo = driver(OptimConfig::Mars(MarsConfig {
+            mars_type: MarsType::Shampoo,
+            ..cfg.clone()
+        }))?;
+        shampoo.step_named(&g)?;
+        let m = Tensor::from_vec(
+            c.iter().map(|x| (1.0 - b1) * x).collect(),
+            (3, 4),
+            &Device::Cpu,
+        )?;
+        let o = newton_schulz(&(m * (1.0 / (1.0 - b1)))?, 5, cfg.eps, NsForm::Mars)?;
+        let o = o.flatten_all()?.to_vec1::<f64>()?;
+        // 3 rows < 4 cols: factor 1.
+        let want: Vec<f64> = p0
+            .iter()
+            .zip(&o)
+            .map(|(p, o)| p - lr * (o + 0.1 * p))
+            .collect();
+        assert!(max_diff(&values(&shampoo)[1..], &[want]) < 1e-15);
+        assert!(!shampoo
+            .param_state("w")
+            .unwrap()
+            .tensors
+            .contains_key("exp_avg_sq"));
+        Ok(())
+    }
+
+    #[test]
+    fn one_d_lr_follows_the_schedule() -> Result<()> {
+        let cfg = MarsConfig::default();
+        let mut mars = driver(OptimConfig::Mars(cfg.clone()))?;
+        let mut adamw = driver(OptimConfig::Adamw(AdamWConfig {
+            lr: cfg.lr_1d,
+            betas: cfg.betas_1d,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay_1d,
+            ..Default::default()
+        }))?;
+        for opt in [&mut mars, &mut adamw] {
+            opt.set_lr_factor(0.25);
+            for s in 0..3 {
+                opt.step_named(&grads(s, 0.5))?;
+            }
+        }
+        assert!(max_diff(&values(&mars)[..1], &values(&adamw)[..1]) < 1e-15);
+        Ok(())
+    }
+
+    #[test]
+    fn optimize_1d_takes_the_mars_path_everywhere() -> Result<()> {
+        let mut opt = driver(OptimConfig::Mars(MarsConfig {
+            optimize_1d: true,
+            ..Default::default()
+        }))?;
+        opt.step_named(&grads(1, 0.5))?;
+        assert!(opt
+            .param_state("b")
+            .unwrap()
+            .tensors
+            .contains_key("last_grad"));
+        let mut opt = driver(OptimConfig::Mars(MarsConfig::default()))?;
+        opt.step_named(&grads(1, 0.5))?;
+        assert!(!opt
+            .param_state("b")
+            .unwrap()
+            .tensors
+            .contains_key("last_grad"));
+        Ok(())
+    }
+
+    #[test]
+    fn config_parses_reference_names_and_validates() -> Result<()> {
+        let cfg = OptimConfig::from_toml(
+            "name = \"mars\"\nmars_type = \"mars-lion\"\nbetas = [0.9, 0.99]\nis_approx = false",
+        )?;
+        let OptimConfig::Mars(c) = cfg else {
+            panic!("not mars")
+        };
+        assert_eq!(c.mars_type, MarsType::Lion);
+        assert!(!c.is_approx);
+        assert!(OptimConfig::from_toml("name = \"mars\"\nmars_type = \"mars-sgd\"").is_err());
+        let bad = MarsConfig {
+            lr: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("mars.lr"));
+        let bad = MarsConfig {
+            betas_1d: (0.9, 1.0),
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("betas_1d[1]"));
         Ok(())
     }
 }

@@ -238,3 +238,282 @@ impl Rule for Muon {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::optim::adamw::AdamWConfig;
+    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+
+    fn det(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(det(n, seed), shape, &Device::Cpu).unwrap()
+    }
+
+    fn driver(cfg: OptimConfig, params: &[(&str, &[usize])]) -> Result<Driver> {
+        let vars = params.iter().enumerate().map(|(i, (name, shape))| {
+            (
+                name.to_string(),
+                Var::from_tensor(&tensor(shape, 1 + i as u64)).unwrap(),
+            )
+        });
+        Driver::new(cfg, NamedParams::new(vars)?)
+    }
+
+    fn grads(params: &[(&str, &[usize])], seed: u64) -> BTreeMap<String, Tensor> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| (name.to_string(), tensor(shape, seed * 10 + i as u64)))
+            .collect()
+    }
+
+    fn get(opt: &Driver, name: &str) -> Vec<f64> {
+        let vars: BTreeMap<String, Var> = opt.vars().into_iter().collect();
+        vars[name].flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    #[test]
+    fn zero_momentum_is_the_orthogonalized_gradient_step() -> Result<()> {
+        // μ = 0: M = g and U = g exactly, so p ← p − lr·NS5(g)·√max(1, rows/cols).
+        let params: &[(&str, &[usize])] = &[
+            ("tall", &[7, 3]),
+            ("wide", &[3, 5]),
+            ("conv", &[4, 2, 3, 3]),
+        ];
+        let cfg = MuonConfig {
+            momentum: 0.0,
+            lr: 0.05,
+            ..Default::default()
+        };
+        let mut opt = driver(OptimConfig::Muon(cfg.clone()), params)?;
+        let g = grads(params, 4);
+        opt.step_named(&g)?;
+        for (i, (name, shape)) in params.iter().enumerate() {
+            let view = if shape.len() == 4 {
+                g[*name].reshape((shape[0], shape[1] * shape[2] * shape[3]))?
+            } else {
+                g[*name].clone()
+            };
+            let o = flat(&newton_schulz(&view, 5, MUON_NS_EPS, NsForm::Muon)?);
+            let n = shape.len();
+            let scale = (shape[n - 2] as f64 / shape[n - 1] as f64).max(1.0).sqrt();
+            let p0 = flat(&tensor(shape, 1 + i as u64));
+            let want: Vec<f64> = p0
+                .iter()
+                .zip(&o)
+                .map(|(p, o)| p - cfg.lr * (o * scale))
+                .collect();
+            assert!(max_diff(&get(&opt, name), &want) < 1e-15, "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nesterov_off_orthogonalizes_the_momentum() -> Result<()> {
+        let params: &[(&str, &[usize])] = &[("w", &[4, 6])];
+        let (mu, lr, wd) = (0.9, 0.02, 0.1);
+        let run = |nesterov| -> Result<Vec<f64>> {
+            let mut opt = driver(
+                OptimConfig::Muon(MuonConfig {
+                    momentum: mu,
+                    lr,
+                    weight_decay: wd,
+                    nesterov,
+                    ..Default::default()
+                }),
+                params,
+            )?;
+            for s in 0..2 {
+                opt.step_named(&grads(params, s))?;
+            }
+            Ok(get(&opt, "w"))
+        };
+        // By hand: M₁ = (1 − μ)·g₁, M₂ = μ·M₁ + (1 − μ)·g₂, p ← p(1 − lr·λ) − lr·NS5(M).
+        let (g1, g2) = (flat(&grads(params, 0)["w"]), flat(&grads(params, 1)["w"]));
+        let m1: Vec<f64> = g1.iter().map(|g| 0.0 + (1.0 - mu) * (g - 0.0)).collect();
+        let m2: Vec<f64> = m1
+            .iter()
+            .zip(&g2)
+            .map(|(m, g)| m + (1.0 - mu) * (g - m))
+            .collect();
+        let mut p = flat(&tensor(&[4, 6], 1));
+        for m in [&m1, &m2] {
+            let o = flat(&newton_schulz(
+                &Tensor::from_vec(m.clone(), (4, 6), &Device::Cpu)?,
+                5,
+                MUON_NS_EPS,
+                NsForm::Muon,
+            )?);
+            p = p
+                .iter()
+                .zip(&o)
+                .map(|(p, o)| p * (1.0 - lr * wd) - lr * o)
+                .collect();
+        }
+        let plain = run(false)?;
+        assert!(max_diff(&plain, &p) < 1e-15);
+        assert!(
+            max_diff(&run(true)?, &p) > 1e-6,
+            "nesterov changes the step"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn non_matrix_roles_take_the_auxiliary_adamw() -> Result<()> {
+        let params: &[(&str, &[usize])] = &[
+            ("h.0.mlp.weight", &[6, 4]),
+            ("h.0.mlp.bias", &[6]),
+            ("ln_f.weight", &[4]),
+            ("lm_head.weight", &[5, 4]),
+            ("wte.weight", &[5, 4]),
+            ("gate", &[3]),
+        ];
+        let cfg = MuonConfig {
+            adam_lr: 1e-3,
+            adam_betas: (0.8, 0.9),
+            adam_eps: 1e-9,
+            adam_weight_decay: 0.05,
+            ..Default::default()
+        };
+        let mut muon = driver(OptimConfig::Muon(cfg.clone()), params)?;
+        let mut adamw = driver(
+            OptimConfig::Adamw(AdamWConfig {
+                lr: cfg.adam_lr,
+                betas: cfg.adam_betas,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.adam_weight_decay,
+                ..Default::default()
+            }),
+            params,
+        )?;
+        for opt in [&mut muon, &mut adamw] {
+            opt.set_lr_factor(0.5);
+            for s in 0..3 {
+                opt.step_named(&grads(params, s))?;
+            }
+        }
+        for (name, _) in params {
+            let (a, b) = (get(&muon, name), get(&adamw, name));
+            let state = muon.param_state(name).unwrap();
+            if *name == "h.0.mlp.weight" {
+                assert!(max_diff(&a, &b) > 1e-4, "the hidden matrix is Muon's");
+                assert!(state.tensors.contains_key("momentum_buffer"));
+            } else {
+                assert_eq!(a, b, "{name} follows AdamW exactly");
+                assert!(!state.tensors.contains_key("momentum_buffer"));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn three_d_runs_batched_per_slice() -> Result<()> {
+        let params: &[(&str, &[usize])] = &[("w", &[2, 5, 3])];
+        let mut opt = driver(
+            OptimConfig::Muon(MuonConfig {
+                momentum: 0.0,
+                ..Default::default()
+            }),
+            params,
+        )?;
+        let g = grads(params, 7);
+        opt.step_named(&g)?;
+        let p0 = tensor(&[2, 5, 3], 1);
+        let got = get(&opt, "w");
+        for b in 0..2 {
+            let o = flat(&newton_schulz(
+                &g["w"].get(b)?,
+                5,
+                MUON_NS_EPS,
+                NsForm::Muon,
+            )?);
+            let want: Vec<f64> = flat(&p0.get(b)?)
+                .iter()
+                .zip(&o)
+                .map(|(p, o)| p - 0.02 * (o * (5.0f64 / 3.0).sqrt()))
+                .collect();
+            assert!(max_diff(&got[b * 15..(b + 1) * 15], &want) < 1e-15);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_and_bad_roles() -> Result<()> {
+        let var = Var::from_tensor(&tensor(&[4, 3], 1).to_dtype(DType::F32)?)?;
+        let mut opt = Driver::new(
+            OptimConfig::Muon(MuonConfig::default()),
+            NamedParams::new([("w".to_string(), var.clone())])?,
+        )?;
+        let mut g = BTreeMap::new();
+        g.insert("w".to_string(), tensor(&[4, 3], 2).to_dtype(DType::F32)?);
+        opt.step_named(&g)?;
+        assert!(var
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite()));
+
+        let mut params =
+            NamedParams::new([("v".to_string(), Var::from_tensor(&tensor(&[4], 1))?)])?;
+        params.set_role("v", Role::Matrix)?;
+        let err = Driver::new(OptimConfig::Muon(MuonConfig::default()), params)
+            .err()
+            .expect("1-D matrix is refused")
+            .to_string();
+        assert!(err.contains("role matrix"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = MuonConfig {
+            momentum: 1.0,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("muon.momentum"));
+        let bad = MuonConfig {
+            ns_steps: 0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("ns_steps"));
+        let bad = MuonConfig {
+            adam_eps: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("adam_eps"));
+        assert!(MuonConfig::default().validate().is_ok());
+    }
+}

@@ -230,6 +230,19 @@ enum Base {
     Sgd,
 }
 
+/// This step's group-wide numbers, as one parameter's update needs them.
+#[derive(Debug, Clone, Copy)]
+struct StepScalars {
+    /// Steps taken by the group, this one included (the reference's k + 1).
+    k: f64,
+    /// Scheduled lr `lr_k`.
+    lr: f64,
+    /// Averaging coefficient `c`.
+    c: f64,
+    /// Weight decay λ.
+    weight_decay: f64,
+}
+
 /// The Schedule-Free rule (AdamW or SGD base).
 #[derive(Debug, Clone)]
 pub struct ScheduleFree {
@@ -271,11 +284,14 @@ impl ScheduleFree {
         param: &Var,
         grad: &Tensor,
         state: &State,
-        k: f64,
-        lr: f64,
-        c: f64,
-        weight_decay: f64,
+        s: StepScalars,
     ) -> Result<()> {
+        let StepScalars {
+            k,
+            lr,
+            c,
+            weight_decay,
+        } = s;
         let z = state.tensor("z")?;
         let y_lr = T::of(lr * (self.beta1 * (1.0 - c) - 1.0));
         let (lr, c, wd) = (T::of(lr), T::of(c), T::of(weight_decay));
@@ -291,10 +307,10 @@ impl ScheduleFree {
                         v[j] = v[j] * b2 + c2 * g * g;
                         let mut d = g / ((v[j] / bias_correction2).sqrt() + eps);
                         if decay {
-                            d = d + wd * y[j];
+                            d += wd * y[j];
                         }
                         y[j] = lerp(y[j], z[j], c) + y_lr * d;
-                        z[j] = z[j] - lr * d;
+                        z[j] -= lr * d;
                     }
                     Ok(())
                 })
@@ -304,7 +320,7 @@ impl ScheduleFree {
                 for (j, &g) in i[0].iter().enumerate() {
                     let d = if decay { g + wd * y[j] } else { g };
                     y[j] = lerp(y[j], z[j], c) + y_lr * d;
-                    z[j] = z[j] - lr * d;
+                    z[j] -= lr * d;
                 }
                 Ok(())
             }),
@@ -363,9 +379,14 @@ impl Rule for ScheduleFree {
         if matches!(self.base, Base::Adam { .. }) {
             state.tensor_or_zeros("exp_avg_sq", param)?;
         }
-        let (lr, c) = (ctx.group.scalar(SCHEDULED_LR), ctx.group.scalar(CKP1));
+        let scalars = StepScalars {
+            k,
+            lr: ctx.group.scalar(SCHEDULED_LR),
+            c: ctx.group.scalar(CKP1),
+            weight_decay: ctx.weight_decay,
+        };
         with_float!(param.dtype(), self.name, T =>
-            self.update_typed::<T>(param, grad, state, k, lr, c, ctx.weight_decay))
+            self.update_typed::<T>(param, grad, state, scalars))
     }
 
     fn eval_value(
