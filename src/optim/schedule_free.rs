@@ -579,6 +579,30 @@ mod tests {
     }
 
     #[test]
+    fn group_counters_survive_a_state_round_trip() -> Result<()> {
+        let init = det(6, 21);
+        let cfg = OptimConfig::SchedulefreeAdamw(ScheduleFreeAdamWConfig {
+            warmup_steps: 4,
+            r: 1.0,
+            ..Default::default()
+        });
+        let mut a = driver(cfg.clone(), &init)?;
+        for s in 0..3 {
+            step(&mut a, &det(6, 30 + s))?;
+        }
+        let bytes = a.state_dict()?.to_bytes()?;
+        let mut b = driver(cfg, &init)?;
+        b.vars()[0].1.set(&a.vars()[0].1.as_tensor().copy()?)?;
+        b.load_state_dict(crate::optim::StateDict::from_bytes(&bytes, &Device::Cpu)?)?;
+        for s in 3..6 {
+            step(&mut a, &det(6, 30 + s))?;
+            step(&mut b, &det(6, 30 + s))?;
+        }
+        assert_eq!(values(&a), values(&b));
+        Ok(())
+    }
+
+    #[test]
     fn first_step_without_warmup_lands_on_z() -> Result<()> {
         // c = 1 on the first step, so x₁ = z₁ and y₁ = z₁ = p₀ − lr·g (SGD, no decay).
         let init = det(5, 9);
