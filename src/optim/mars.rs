@@ -35,8 +35,9 @@
 //!   2. compute the gradient of batch ξ_t at x_t and call `step` (which uses `last_grad`, zeros
 //!      at t = 1);
 //!   3. the step ends with `last_grad ← previous_grad`. The input is moved, not copied: a step
-//!      without a fresh `observe` is refused (before any parameter moves) where the reference
-//!      would silently reuse the stale gradient.
+//!      without a fresh `observe` is refused where the reference would silently reuse the stale
+//!      gradient (every tensor checks, so a skipped `observe` fails at the first parameter,
+//!      before anything moves).
 //!
 //!   This costs two forward/backward passes per step and a data loader that looks one batch
 //!   ahead. AdamW-path tensors take the input too and discard it at the step.
