@@ -42,6 +42,7 @@ fn quadratic_loss(p: &BTreeMap<String, Tensor>) -> Tensor {
     (w.sum_all().unwrap() + b.sum_all().unwrap()).unwrap()
 }
 
+/// Rosenbrock with b = 10 (curvature up to ~100, so plain SGD at a fixed lr is stable).
 fn rosenbrock_params() -> Vec<(String, Var)> {
     vec![(
         "xy".into(),
@@ -107,7 +108,7 @@ fn loss_at(opt: &dyn Optimizer, problem: &Problem) -> f64 {
     (problem.loss)(&p).to_scalar::<f64>().unwrap()
 }
 
-fn run(name: &str, problem: &Problem) -> (f64, f64) {
+fn run(name: &str, problem: &Problem) -> Result<(f64, f64), optlab::Error> {
     let vars = (problem.params)();
     let mut opt = Driver::new(config(name), NamedParams::new(vars.clone()).unwrap()).unwrap();
     let start = loss_at(&opt, problem);
@@ -122,12 +123,12 @@ fn run(name: &str, problem: &Problem) -> (f64, f64) {
             .iter()
             .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
             .collect();
-        opt.step_named(&named).unwrap();
+        opt.step_named(&named)?;
         if name == "sophia" && s % 10 == 0 {
-            opt.observe_named(ExtraInput::HessianGrad, &named).unwrap();
+            opt.observe_named(ExtraInput::HessianGrad, &named)?;
         }
     }
-    (start, loss_at(&opt, problem))
+    Ok((start, loss_at(&opt, problem)))
 }
 
 #[test]
@@ -138,13 +139,17 @@ fn every_optimizer_converges_on_small_problems() {
         "optimizer", "quadratic", "rosenbrock", "regression"
     );
     for name in OptimConfig::NAMES {
-        assert!(
-            tuned_lr(name).is_some(),
-            "{name} has no entry in the convergence table"
-        );
+        assert!(tuned(name).is_some(), "{name} has no entry in the test table");
         let mut row = format!("{name:<22}");
         for problem in PROBLEMS {
-            let (start, end) = run(name, problem);
+            let (start, end) = match run(name, problem) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{name} on {}: {e}", problem.name));
+                    row.push_str(&format!(" {:>12}", "error"));
+                    continue;
+                }
+            };
             let ratio = start / end;
             row.push_str(&format!(" {ratio:>12.1}"));
             if ratio.is_nan() || ratio < problem.factor {

@@ -93,6 +93,10 @@ optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
     Adafactor(crate::optim::adafactor::AdafactorConfig),
     AdafactorHf(crate::optim::adafactor_hf::AdafactorHfConfig),
+    SchedulefreeAdamw(crate::optim::schedule_free::ScheduleFreeAdamWConfig),
+    SchedulefreeSgd(crate::optim::schedule_free::ScheduleFreeSgdConfig),
+    Mars(crate::optim::mars::MarsConfig),
+    Muon(crate::optim::muon::MuonConfig),
 }
 
 impl OptimConfig {

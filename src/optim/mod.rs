@@ -9,8 +9,12 @@ pub mod config;
 pub mod driver;
 pub mod fused;
 pub mod groups;
+pub mod mars;
+pub mod muon;
+pub mod newton_schulz;
 pub mod params;
 pub mod rule;
+pub mod schedule_free;
 pub mod state;
 
 use std::collections::BTreeMap;

@@ -8,37 +8,35 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use optlab::optim::{Driver, ExtraInput, NamedParams, OptimConfig, Optimizer};
 
-/// The learning rate each optimizer runs the generic problems with (None: keep the default,
-/// e.g. Adafactor-HF's relative step). Every registered optimizer must appear here.
-pub fn tuned_lr(name: &str) -> Option<Option<f64>> {
+/// The hyperparameters (a TOML fragment) each optimizer runs the generic problems with: its
+/// defaults plus what is written here. Every registered optimizer must appear here.
+pub fn tuned(name: &str) -> Option<&'static str> {
     Some(match name {
-        "sgd" => Some(0.05),
-        "adamw" => Some(0.02),
-        "signum" | "lion" => Some(0.003),
-        "sophia" => Some(0.01),
-        "adafactor" => Some(0.05),
-        "adafactor_hf" => None,
-        "adalayer" => Some(0.02),
-        "adalayer_sgd" => Some(0.05),
-        "ademamix" => Some(0.01),
-        "simplified_ademamix" => Some(0.002),
-        "schedulefree_adamw" => Some(0.02),
-        "schedulefree_sgd" => Some(0.2),
-        "mars" => Some(0.02),
-        "muon" => Some(0.02),
-        "soap" => Some(0.02),
-        "shampoo" => Some(0.02),
+        "sgd" => "lr = 0.01\nmomentum = 0.9",
+        "adamw" => "lr = 0.02",
+        "signum" | "lion" => "lr = 0.003",
+        "sophia" => "lr = 0.01",
+        "adafactor" => "lr = 0.05",
+        "adafactor_hf" => "lr = 0.02\nrelative_step = false\nscale_parameter = false",
+        "adalayer" => "lr = 0.02",
+        "adalayer_sgd" => "lr = 0.05",
+        "ademamix" => "lr = 0.01",
+        "simplified_ademamix" => "lr = 0.002",
+        "schedulefree_adamw" => "lr = 0.02",
+        "schedulefree_sgd" => "lr = 0.015",
+        "mars" => "lr = 0.02",
+        "muon" => "lr = 0.01\nadam_lr = 0.02",
+        "soap" => "lr = 0.02",
+        "shampoo" => "lr = 0.02",
         _ => return None,
     })
 }
 
-/// The default config of `name` at its tuned lr.
+/// The config of `name` with its [`tuned`] hyperparameters.
 pub fn config(name: &str) -> OptimConfig {
-    let mut cfg = OptimConfig::default_for(name).expect("registered");
-    if let Some(Some(lr)) = tuned_lr(name) {
-        cfg.set_lr(lr);
-    }
-    cfg
+    let fragment = tuned(name).unwrap_or_else(|| panic!("{name} has no entry in the test table"));
+    OptimConfig::from_toml(&format!("name = \"{name}\"\n{fragment}"))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
