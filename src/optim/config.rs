@@ -91,6 +91,10 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    Sgd(crate::optim::sgd::SgdConfig),
+    Signum(crate::optim::signum::SignumConfig),
+    Lion(crate::optim::lion::LionConfig),
+    Sophia(crate::optim::sophia::SophiaConfig),
 }
 
 impl OptimConfig {

@@ -7,8 +7,12 @@ pub mod config;
 pub mod driver;
 pub mod fused;
 pub mod groups;
+pub mod lion;
 pub mod params;
 pub mod rule;
+pub mod sgd;
+pub mod signum;
+pub mod sophia;
 pub mod state;
 
 use std::collections::BTreeMap;
