@@ -92,7 +92,11 @@ pub fn sign<T: Float>(x: T) -> T {
         -T::one()
     } else {
         // ±0 gives 0; NaN stays NaN (as torch.sign), so a broken state is not hidden.
-        x - x
+        if x.is_nan() {
+            x
+        } else {
+            T::zero()
+        }
     }
 }
 

@@ -132,9 +132,9 @@ impl Sgd {
             None => zip_mut::<T>(&[param.as_tensor()], &[grad], |o, i| {
                 let (p, g) = (&mut *o[0], i[0]);
                 for k in 0..p.len() {
-                    p[k] = p[k] * decay;
+                    p[k] *= decay;
                     let d = sign * g[k] + l2 * p[k];
-                    p[k] = p[k] - lr * d;
+                    p[k] -= lr * d;
                 }
                 Ok(())
             }),
@@ -148,11 +148,11 @@ impl Sgd {
                         unreachable!("two outputs")
                     };
                     for k in 0..p.len() {
-                        p[k] = p[k] * decay;
+                        p[k] *= decay;
                         let d = sign * g[k] + l2 * p[k];
                         b[k] = if first { d } else { b[k] * mu + keep * d };
                         let d = if nesterov { d + mu * b[k] } else { b[k] };
-                        p[k] = p[k] - lr * d;
+                        p[k] -= lr * d;
                     }
                     Ok(())
                 })

@@ -138,10 +138,10 @@ impl Sophia {
                 unreachable!("two outputs")
             };
             for k in 0..p.len() {
-                p[k] = p[k] * decay;
+                p[k] *= decay;
                 m[k] = m[k] * b1 + (sgn * g[k]) * c1;
                 let ratio = num_traits::Float::min(m[k].abs() / (scale * h[k] + floor), T::one());
-                p[k] = p[k] + neg_lr * sign(m[k]) * ratio;
+                p[k] += neg_lr * sign(m[k]) * ratio;
             }
             Ok(())
         })
