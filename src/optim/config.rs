@@ -97,6 +97,10 @@ optimizers! {
     SchedulefreeSgd(crate::optim::schedule_free::ScheduleFreeSgdConfig),
     Mars(crate::optim::mars::MarsConfig),
     Muon(crate::optim::muon::MuonConfig),
+    Sgd(crate::optim::sgd::SgdConfig),
+    Signum(crate::optim::signum::SignumConfig),
+    Lion(crate::optim::lion::LionConfig),
+    Sophia(crate::optim::sophia::SophiaConfig),
 }
 
 impl OptimConfig {

@@ -9,12 +9,16 @@ pub mod config;
 pub mod driver;
 pub mod fused;
 pub mod groups;
+pub mod lion;
 pub mod mars;
 pub mod muon;
 pub mod newton_schulz;
 pub mod params;
 pub mod rule;
 pub mod schedule_free;
+pub mod sgd;
+pub mod signum;
+pub mod sophia;
 pub mod state;
 
 use std::collections::BTreeMap;
