@@ -91,6 +91,10 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    Ademamix(crate::optim::ademamix::AdEMAMixConfig),
+    SimplifiedAdemamix(crate::optim::simplified_ademamix::SimplifiedAdEMAMixConfig),
+    Adalayer(crate::optim::adalayer::AdalayerConfig),
+    AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
 }
 
 impl OptimConfig {

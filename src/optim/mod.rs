@@ -2,14 +2,18 @@
 //! [`Driver`](driver::Driver) behind it, and one small file per optimizer implementing the
 //! per-tensor [`Rule`](rule::Rule).
 
+pub mod adalayer;
 pub mod adamw;
+pub mod ademamix;
 pub mod config;
 pub mod driver;
 pub mod fused;
 pub mod groups;
 pub mod params;
 pub mod rule;
+pub mod simplified_ademamix;
 pub mod state;
+pub mod warmup;
 
 use std::collections::BTreeMap;
 use std::path::Path;
