@@ -576,3 +576,391 @@ impl Rule for AdalayerSgd {
         check_blocks_state(meta, state, self.0.blocks(meta))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{Driver, NamedParams, OptimConfig};
+    use candle_core::Device;
+    use std::collections::BTreeMap;
+
+    const LR: f64 = 0.01;
+    const BETAS: (f64, f64) = (0.9, 0.95);
+    const EPS: f64 = 1e-8;
+    const WD: f64 = 0.1;
+
+    /// Deterministic values whose scale differs strongly between rows, so per-row blocks and a
+    /// whole-tensor block give visibly different steps.
+    fn values(seed: usize, shape: &[usize]) -> Vec<f64> {
+        let n: usize = shape.iter().product();
+        let cols = n / shape.first().copied().unwrap_or(1).max(1);
+        (0..n)
+            .map(|k| {
+                let row = k / cols.max(1);
+                ((seed * 13 + k * 7) as f64 * 0.29).sin() * (1.0 + 3.0 * row as f64)
+            })
+            .collect()
+    }
+
+    struct Run {
+        params: Vec<(String, Var)>,
+        opt: Driver,
+    }
+
+    fn build(cfg: OptimConfig, shapes: &[(&str, &[usize])]) -> Result<Run> {
+        let dev = Device::Cpu;
+        let mut params = Vec::new();
+        for (i, (name, shape)) in shapes.iter().enumerate() {
+            let init = Tensor::from_vec(values(100 + i, shape), *shape, &dev)?;
+            params.push((name.to_string(), Var::from_tensor(&init)?));
+        }
+        let opt = Driver::new(cfg, NamedParams::new(params.clone())?)?;
+        Ok(Run { params, opt })
+    }
+
+    impl Run {
+        fn step(&mut self, s: usize) -> Result<()> {
+            let mut grads = BTreeMap::new();
+            for (i, (name, var)) in self.params.iter().enumerate() {
+                let g = values(s * 10 + i, var.dims());
+                grads.insert(name.clone(), Tensor::from_vec(g, var.dims(), var.device())?);
+            }
+            self.opt.step_named(&grads)
+        }
+        fn value(&self, name: &str) -> Result<Vec<f64>> {
+            let (_, v) = self.params.iter().find(|(n, _)| n == name).expect("param");
+            Ok(v.flatten_all()?.to_vec1::<f64>()?)
+        }
+        fn v(&self, name: &str) -> Result<Option<Vec<f64>>> {
+            let st = self.opt.param_state(name).expect("state");
+            st.tensors
+                .get("exp_avg_sq")
+                .map(|t| Ok(t.flatten_all()?.to_vec1::<f64>()?))
+                .transpose()
+        }
+    }
+
+    /// A scalar re-derivation over equal contiguous blocks (`None`: denominator 1), with the v
+    /// weight per step given by `weight` (`None`: frozen) and optional second-moment correction.
+    fn by_hand(
+        index: usize,
+        shape: &[usize],
+        nblocks: Option<usize>,
+        steps: usize,
+        weight: impl Fn(u64) -> Option<f64>,
+        correct2: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let mut p = values(100 + index, shape);
+        let n = p.len();
+        let mut m = vec![0.0; n];
+        let mut v = vec![0.0; nblocks.unwrap_or(0)];
+        for s in 0..steps {
+            let t = s as u64 + 1;
+            let g = values(s * 10 + index, shape);
+            let bc1 = 1.0 - BETAS.0.powi(t as i32);
+            let bc2 = if correct2 {
+                1.0 - BETAS.1.powi(t as i32)
+            } else {
+                1.0
+            };
+            for k in 0..n {
+                p[k] *= 1.0 - LR * WD;
+                m[k] = BETAS.0 * m[k] + (1.0 - BETAS.0) * g[k];
+            }
+            match nblocks {
+                None => (0..n).for_each(|k| p[k] -= LR / bc1 * m[k]),
+                Some(nb) => {
+                    let len = n / nb;
+                    for (b, vb) in v.iter_mut().enumerate() {
+                        let r = b * len..(b + 1) * len;
+                        if let Some(w) = weight(t) {
+                            let mean = g[r.clone()].iter().map(|x| x * x).sum::<f64>() / len as f64;
+                            *vb = (1.0 - w) * *vb + w * mean;
+                        }
+                        let denom = (*vb / bc2).sqrt() + EPS;
+                        for k in r {
+                            p[k] -= LR / bc1 * m[k] / denom;
+                        }
+                    }
+                }
+            }
+        }
+        (p, v)
+    }
+
+    fn assert_close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(want) {
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1e-3),
+                "{a} vs {b}\n{got:?}\n{want:?}"
+            );
+        }
+    }
+
+    fn adalayer(f: impl FnOnce(&mut AdalayerConfig)) -> OptimConfig {
+        let mut c = AdalayerConfig {
+            lr: LR,
+            betas: BETAS,
+            eps: EPS,
+            weight_decay: WD,
+            ..Default::default()
+        };
+        f(&mut c);
+        OptimConfig::Adalayer(c)
+    }
+
+    fn adalayer_sgd(f: impl FnOnce(&mut AdalayerSgdConfig)) -> OptimConfig {
+        let mut c = AdalayerSgdConfig {
+            lr: LR,
+            betas: BETAS,
+            eps: EPS,
+            weight_decay: WD,
+            ..Default::default()
+        };
+        f(&mut c);
+        OptimConfig::AdalayerSgd(c)
+    }
+
+    const SHAPES: [(&str, &[usize]); 5] = [
+        ("blocks.0.att_proj.weight", &[6, 2]),
+        ("blocks.0.attn_norm.weight", &[2]),
+        ("blocks.0.ff_out.weight", &[2, 4]),
+        ("lm_head.weight", &[5, 2]),
+        ("wte.weight", &[5, 2]),
+    ];
+
+    /// The v weight at a step (`None`: frozen).
+    type Weight<'a> = &'a dyn Fn(u64) -> Option<f64>;
+
+    fn ema(_: u64) -> Option<f64> {
+        Some(1.0 - BETAS.1)
+    }
+
+    #[test]
+    fn per_row_head_and_embedding_and_qkv_split_have_per_block_denominators() -> Result<()> {
+        let mut run = build(
+            adalayer(|c| {
+                c.att_correction = true;
+                c.lastlayer_correction = true;
+                c.firstlayer_correction = true;
+            }),
+            &SHAPES,
+        )?;
+        for s in 0..4 {
+            run.step(s)?;
+        }
+        let blocks = [3, 1, 1, 5, 5];
+        for (i, ((name, shape), nb)) in SHAPES.iter().zip(blocks).enumerate() {
+            let (p, v) = by_hand(i, shape, Some(nb), 4, ema, true);
+            assert_close(&run.value(name)?, &p);
+            assert_close(&run.v(name)?.expect("v"), &v);
+        }
+        // The blocks really differ: rows of growing gradient scale get growing v.
+        let v = run.v("lm_head.weight")?.unwrap();
+        assert!(v.windows(2).all(|w| w[1] > w[0]), "{v:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn plain_adalayer_uses_one_block_per_tensor() -> Result<()> {
+        let mut run = build(adalayer(|_| {}), &SHAPES)?;
+        for s in 0..3 {
+            run.step(s)?;
+        }
+        for (i, (name, shape)) in SHAPES.iter().enumerate() {
+            let (p, v) = by_hand(i, shape, Some(1), 3, ema, true);
+            assert_close(&run.value(name)?, &p);
+            assert_close(&run.v(name)?.expect("v"), &v);
+            let st = run.opt.param_state(name).unwrap();
+            assert_eq!(st.tensor("exp_avg_sq")?.dims(), &[] as &[usize]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sgd_part_has_denominator_exactly_one() -> Result<()> {
+        let mut run = build(
+            adalayer_sgd(|c| {
+                c.att_correction = true;
+                c.lastlayer_correction = true;
+                c.update_norm = true;
+            }),
+            &SHAPES,
+        )?;
+        // Before the step: p_new must equal p·(1 − lr·λ) − (lr/(1 − β1))·(1 − β1)·g bit for bit.
+        let before = run.value("blocks.0.ff_out.weight")?;
+        run.step(0)?;
+        let g = values(2, &[2, 4]);
+        let (decay, step) = (1.0 - LR * WD, LR / (1.0 - BETAS.0));
+        let exact: Vec<f64> = before
+            .iter()
+            .zip(&g)
+            .map(|(p, g)| p * decay + (-step) * (0.0 + (1.0 - BETAS.0) * (g - 0.0)))
+            .collect();
+        assert_eq!(run.value("blocks.0.ff_out.weight")?, exact);
+        for s in 1..4 {
+            run.step(s)?;
+        }
+        // QKV (att_correction is a no-op here), the embedding (no firstlayer_correction) and the
+        // MLP are SGD without second-moment state; head rows and the norm are Adalayer.
+        let blocks = [None, Some(1), None, Some(5), None];
+        for (i, ((name, shape), nb)) in SHAPES.iter().zip(blocks).enumerate() {
+            let (p, v) = by_hand(i, shape, nb, 4, ema, true);
+            assert_close(&run.value(name)?, &p);
+            match nb {
+                None => assert!(run.v(name)?.is_none(), "{name} has a second moment"),
+                Some(_) => assert_close(&run.v(name)?.expect("v"), &v),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_adalayer_averages_then_freezes() -> Result<()> {
+        let tf = 2;
+        let mut run = build(
+            adalayer(|c| {
+                c.att_correction = true;
+                c.lastlayer_correction = true;
+                c.firstlayer_correction = true;
+                c.update_last = false;
+                c.update_norm = true;
+                c.t_freeze = Some(tf);
+            }),
+            &SHAPES,
+        )?;
+        for s in 0..5 {
+            run.step(s)?;
+        }
+        let average = |t: u64| -> Option<f64> { (t <= tf).then(|| 1.0 / (t as f64 + 1.0)) };
+        let average_then_ema = |t: u64| -> Option<f64> {
+            if t <= tf {
+                average(t)
+            } else {
+                ema(t)
+            }
+        };
+        // QKV and per-tensor blocks freeze; the head freezes too (update_last off); the norm
+        // (update_norm) and the embedding rows keep an EMA. No second-moment correction.
+        let cases: [(usize, Weight<'_>); 5] = [
+            (3, &average),
+            (1, &average_then_ema),
+            (1, &average),
+            (5, &average),
+            (5, &average_then_ema),
+        ];
+        for (i, ((name, shape), (nb, w))) in SHAPES.iter().zip(cases).enumerate() {
+            let (p, v) = by_hand(i, shape, Some(nb), 5, w, false);
+            assert_close(&run.value(name)?, &p);
+            assert_close(&run.v(name)?.expect("v"), &v);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn no_norm_training_leaves_norms_alone() -> Result<()> {
+        for cfg in [
+            adalayer(|c| c.no_norm_training = true),
+            adalayer_sgd(|c| c.no_norm_training = true),
+        ] {
+            let mut run = build(cfg, &SHAPES)?;
+            let before = run.value("blocks.0.attn_norm.weight")?;
+            run.step(0)?;
+            assert_eq!(run.value("blocks.0.attn_norm.weight")?, before);
+            assert!(run
+                .opt
+                .param_state("blocks.0.attn_norm.weight")
+                .unwrap()
+                .is_empty());
+            assert_ne!(run.value("blocks.0.ff_out.weight")?, values(102, &[2, 4]));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configs_and_shapes_are_named() {
+        let e = adalayer(|c| c.t_freeze = Some(0))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adalayer.t_freeze"), "{e}");
+        let e = adalayer_sgd(|c| c.qkv_pattern.clear())
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adalayer_sgd.qkv_pattern"), "{e}");
+        let e = build(
+            adalayer(|c| c.att_correction = true),
+            &[("blocks.0.att_proj.weight", &[4, 2])],
+        )
+        .err()
+        .expect("rows not divisible by 3")
+        .to_string();
+        assert!(e.contains("att_proj") && e.contains("three"), "{e}");
+    }
+
+    /// Scalar (0-D), per-row and QKV second moments survive save → load → continue.
+    #[test]
+    fn state_round_trip_continues_identically() -> Result<()> {
+        let cfg = adalayer(|c| {
+            c.att_correction = true;
+            c.lastlayer_correction = true;
+        });
+        let mut straight = build(cfg.clone(), &SHAPES)?;
+        let mut first = build(cfg.clone(), &SHAPES)?;
+        for s in 0..4 {
+            straight.step(s)?;
+        }
+        for s in 0..2 {
+            first.step(s)?;
+        }
+        let bytes = crate::optim::Optimizer::state_dict(&first.opt)?.to_bytes()?;
+        let sd = crate::optim::StateDict::from_bytes(&bytes, &Device::Cpu)?;
+        let mut resumed = Run {
+            opt: Driver::new(cfg, NamedParams::new(first.params.clone())?)?,
+            params: first.params,
+        };
+        crate::optim::Optimizer::load_state_dict(&mut resumed.opt, sd)?;
+        for s in 2..4 {
+            resumed.step(s)?;
+        }
+        for (name, _) in SHAPES {
+            assert_eq!(resumed.value(name)?, straight.value(name)?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn custom_qkv_pattern_and_roles_choose_blocks() {
+        let meta = |name: &str, shape: &[usize], role| ParamMeta {
+            name: name.into(),
+            shape: shape.to_vec(),
+            role,
+        };
+        let c = AdalayerConfig {
+            att_correction: true,
+            lastlayer_correction: true,
+            qkv_pattern: "c_attn".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.blocks(&meta("h.0.attn.c_attn.weight", &[6, 2], Role::Matrix)),
+            Blocks::Qkv
+        );
+        assert_eq!(
+            c.blocks(&meta("h.0.att_proj.weight", &[6, 2], Role::Matrix)),
+            Blocks::Tensor
+        );
+        // The head is found by role whatever its name or vocabulary size.
+        assert_eq!(c.blocks(&meta("out", &[11, 2], Role::Head)), Blocks::Rows);
+        assert_eq!(
+            c.blocks(&meta("out.bias", &[11], Role::Head)),
+            Blocks::Tensor
+        );
+        assert_eq!(
+            c.blocks(&meta("emb", &[11, 2], Role::Embedding)),
+            Blocks::Tensor
+        );
+    }
+}

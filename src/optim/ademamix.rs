@@ -165,7 +165,7 @@ impl AdEMAMix {
                 v[k] = v[k] * b2 + c2 * gk * gk;
                 let denom = v[k].sqrt() / bc2_sqrt + eps;
                 let update = (fast / bc1 + alpha * m2[k]) / denom + wd * p[k];
-                p[k] = p[k] + neg_lr * update;
+                p[k] += neg_lr * update;
             }
             Ok(())
         })

@@ -168,13 +168,13 @@ impl SimplifiedAdEMAMix {
                 let denom = v[k].sqrt() + eps_term;
                 let mut u = (alpha * gk + m[k]) / denom;
                 if let Some(n) = num_sum {
-                    u = u / n;
+                    u /= n;
                 }
                 if let Some(d) = den_sqrt {
-                    u = u * d;
+                    u *= d;
                 }
-                u = u + wd * p[k];
-                p[k] = p[k] + neg_lr * u;
+                u += wd * p[k];
+                p[k] += neg_lr * u;
             }
             Ok(())
         })
