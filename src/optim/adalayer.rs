@@ -186,7 +186,8 @@ impl Blocks {
     pub fn state_shape(self, shape: &[usize]) -> Option<Vec<usize>> {
         match self {
             Blocks::Tensor => Some(vec![]),
-            Blocks::Rows => Some(vec![shape[0]]),
+            // Rows are only chosen for tensors with two or more dims.
+            Blocks::Rows => Some(vec![shape.first().copied().unwrap_or(1)]),
             Blocks::Qkv => Some(vec![3]),
             Blocks::Sgd => None,
         }
