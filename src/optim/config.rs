@@ -101,6 +101,10 @@ optimizers! {
     Signum(crate::optim::signum::SignumConfig),
     Lion(crate::optim::lion::LionConfig),
     Sophia(crate::optim::sophia::SophiaConfig),
+    Ademamix(crate::optim::ademamix::AdEMAMixConfig),
+    SimplifiedAdemamix(crate::optim::simplified_ademamix::SimplifiedAdEMAMixConfig),
+    Adalayer(crate::optim::adalayer::AdalayerConfig),
+    AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
 }
 
 impl OptimConfig {

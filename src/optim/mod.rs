@@ -4,7 +4,9 @@
 
 pub mod adafactor;
 pub mod adafactor_hf;
+pub mod adalayer;
 pub mod adamw;
+pub mod ademamix;
 pub mod config;
 pub mod driver;
 pub mod fused;
@@ -18,8 +20,10 @@ pub mod rule;
 pub mod schedule_free;
 pub mod sgd;
 pub mod signum;
+pub mod simplified_ademamix;
 pub mod sophia;
 pub mod state;
+pub mod warmup;
 
 use std::collections::BTreeMap;
 use std::path::Path;
