@@ -3,12 +3,15 @@
 //! per-tensor [`Rule`](rule::Rule).
 
 pub mod adamw;
+pub mod clip;
 pub mod config;
 pub mod driver;
+pub mod ewa;
 pub mod fused;
 pub mod groups;
 pub mod params;
 pub mod rule;
+pub mod schedule;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -17,11 +20,14 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
+pub use clip::{clip_grad_norm, clip_grad_norm_named, grad_norm};
 pub use config::{OptimConfig, RuleConfig};
 pub use driver::{Driver, NonFinitePolicy};
+pub use ewa::Ewa;
 pub use groups::{GroupSpec, OptimizerSpec};
 pub use params::{NamedParams, Param, ParamMeta, Role};
 pub use rule::{ExtraInput, Mode, Rule, StepCtx};
+pub use schedule::{ConstantSchedule, DecayShape, Schedule, WarmupCosineSchedule, WsdSchedule};
 pub use state::{State, StateDict};
 
 use crate::error::Result;
