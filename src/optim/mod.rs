@@ -1,6 +1,10 @@
 //! Optimizers: one object-safe [`Optimizer`] trait over named candle variables, one
 //! [`Driver`](driver::Driver) behind it, and one small file per optimizer implementing the
 //! per-tensor [`Rule`](rule::Rule).
+//!
+//! Training-loop pieces that work with any optimizer: learning-rate [`schedule`]s (factors for
+//! [`Optimizer::set_lr_factor`]), global-norm gradient [`clip`]ping, and exponential weight
+//! averaging ([`ewa`]) with bias-corrected evaluation.
 
 pub mod adamw;
 pub mod clip;

@@ -81,15 +81,19 @@ impl Default for Schedule {
 #[serde(deny_unknown_fields, default)]
 pub struct ConstantSchedule {
     /// Warm-up length in steps (exclusive with `warmup_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<u64>,
     /// Warm-up length as a fraction of `warmup_reference_steps` (or of `total_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_ratio: Option<f64>,
     /// The step count `warmup_ratio` is a fraction of (CBS: Chinchilla samples / batch size).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_reference_steps: Option<f64>,
     /// Warm-up start as a fraction of the peak (CBS `warmup_min_lr / lr`, Deconstructing
     /// `alpha_0`).
     pub alpha_0: f64,
     /// Run length, only needed for the final drop to `alpha_f` or as the warm-up reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub total_steps: Option<u64>,
     /// Factor from step `total_steps` on (1 = no drop).
     pub alpha_f: f64,
@@ -126,10 +130,13 @@ pub struct WarmupCosineSchedule {
     /// Run length T (the cosine reaches `alpha_f` at step T).
     pub total_steps: u64,
     /// Warm-up length in steps (exclusive with `warmup_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<u64>,
     /// Warm-up length as a fraction of `warmup_reference_steps` (or of `total_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_ratio: Option<f64>,
     /// The step count `warmup_ratio` is a fraction of (defaults to `total_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_reference_steps: Option<f64>,
     /// Warm-up start as a fraction of the peak.
     pub alpha_0: f64,
@@ -182,10 +189,13 @@ pub struct WsdSchedule {
     /// Run length T.
     pub total_steps: u64,
     /// Warm-up length in steps (exclusive with `warmup_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<u64>,
     /// Warm-up length as a fraction of `warmup_reference_steps` (or of `total_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_ratio: Option<f64>,
     /// The step count `warmup_ratio` is a fraction of (defaults to `total_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_reference_steps: Option<f64>,
     /// Warm-up start as a fraction of the peak.
     pub alpha_0: f64,
@@ -597,7 +607,10 @@ mod tests {
         let s = parse("kind = \"wsd\"\ntotal_steps = 100\ndecay_shape = \"linear\"");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["kind"], "wsd");
+        assert!(json.get("warmup_steps").is_none());
         assert_eq!(Schedule::from_json(json).unwrap(), s);
+        let text = toml::to_string(&s).unwrap();
+        assert_eq!(Schedule::from_toml(&text).unwrap(), s);
         let e = Schedule::from_toml("kind = \"wsd\"\ntotal_steps = 100\nwarmup = 3").unwrap_err();
         assert!(e.to_string().contains("warmup"), "{e}");
         let e = Schedule::from_toml("kind = \"linear\"").unwrap_err();
