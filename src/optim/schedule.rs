@@ -34,8 +34,8 @@
 //!
 //! Factors are computed in f64 in the reference's order of operations, so the warm-up is
 //! bit-identical to Deconstructing's `initial_lr · (α0 + (1 − α0) · t / W)` once the driver
-//! multiplies by the base lr; the decay phases agree with the references (which work in lr units
-//! rather than factors) to rounding.
+//! multiplies by the base lr. The CBS warm-up and every decay phase, which the references compute
+//! in lr units rather than as factors, agree to rounding (a few ulps).
 //!
 //! [`Optimizer::set_lr_factor`]: crate::optim::Optimizer::set_lr_factor
 
