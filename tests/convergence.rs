@@ -75,7 +75,15 @@ fn regression_loss(p: &BTreeMap<String, Tensor>) -> Tensor {
     let w_true = tensor(8, &[3, 5], DType::F64);
     let y = x.matmul(&w_true.t().unwrap()).unwrap();
     let pred = x.matmul(&p["w"].t().unwrap()).unwrap();
-    (pred - y).unwrap().sqr().unwrap().mean_all().unwrap()
+    // Squared error summed over outputs, averaged over samples.
+    (pred - y)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
 }
 
 const PROBLEMS: &[Problem] = &[
@@ -95,7 +103,7 @@ const PROBLEMS: &[Problem] = &[
     },
     Problem {
         name: "regression",
-        steps: 400,
+        steps: 600,
         factor: 20.0,
         params: regression_params,
         loss: regression_loss,
@@ -139,7 +147,10 @@ fn every_optimizer_converges_on_small_problems() {
         "optimizer", "quadratic", "rosenbrock", "regression"
     );
     for name in OptimConfig::NAMES {
-        assert!(tuned(name).is_some(), "{name} has no entry in the test table");
+        assert!(
+            tuned(name).is_some(),
+            "{name} has no entry in the test table"
+        );
         let mut row = format!("{name:<22}");
         for problem in PROBLEMS {
             let (start, end) = match run(name, problem) {

@@ -12,18 +12,18 @@ use optlab::optim::{Driver, ExtraInput, NamedParams, OptimConfig, Optimizer};
 /// defaults plus what is written here. Every registered optimizer must appear here.
 pub fn tuned(name: &str) -> Option<&'static str> {
     Some(match name {
-        "sgd" => "lr = 0.01\nmomentum = 0.9",
+        "sgd" => "lr = 0.002\nmomentum = 0.9",
         "adamw" => "lr = 0.02",
         "signum" | "lion" => "lr = 0.003",
-        "sophia" => "lr = 0.01",
+        "sophia" => "lr = 0.01\nbs = 1\nrho = 0.05",
         "adafactor" => "lr = 0.05",
         "adafactor_hf" => "lr = 0.02\nrelative_step = false\nscale_parameter = false",
         "adalayer" => "lr = 0.02",
-        "adalayer_sgd" => "lr = 0.05",
+        "adalayer_sgd" => "lr = 0.01",
         "ademamix" => "lr = 0.01",
-        "simplified_ademamix" => "lr = 0.002",
+        "simplified_ademamix" => "lr = 0.002\nbetas = [0.9, 0.95]",
         "schedulefree_adamw" => "lr = 0.02",
-        "schedulefree_sgd" => "lr = 0.015",
+        "schedulefree_sgd" => "lr = 0.012",
         "mars" => "lr = 0.02",
         "muon" => "lr = 0.01\nadam_lr = 0.02",
         "soap" => "lr = 0.02",
