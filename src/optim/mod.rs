@@ -7,6 +7,7 @@ pub mod config;
 pub mod driver;
 pub mod fused;
 pub mod groups;
+pub mod kron;
 pub mod params;
 pub mod rule;
 pub mod state;
