@@ -17,6 +17,7 @@ pub mod driver;
 pub mod ewa;
 pub mod fused;
 pub mod groups;
+pub mod kron;
 pub mod lion;
 pub mod mars;
 pub mod muon;
