@@ -91,6 +91,7 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    Soap(crate::optim::soap::SoapConfig),
 }
 
 impl OptimConfig {

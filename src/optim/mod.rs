@@ -10,6 +10,7 @@ pub mod groups;
 pub mod kron;
 pub mod params;
 pub mod rule;
+pub mod soap;
 pub mod state;
 
 use std::collections::BTreeMap;
