@@ -153,12 +153,28 @@ pub fn map_hparams(
         h.remove(*k);
     }
     let mut opts = LoopOptions::default();
-    #[allow(clippy::single_match)]
     match optimizer {
         "sophia" => {
             // `hess_interval` is the training loop's k; the replay follows `hessian_consumed`.
             take(&mut h, "hess_interval");
             opts.hessian_from_extra = true;
+        }
+        "adafactor" => {
+            // torch's `eps = (eps1 | None, eps2)` becomes two TOML-friendly fields; a null eps1
+            // stays None (the parameter dtype's machine epsilon).
+            if let Some(eps) = take(&mut h, "eps") {
+                match eps {
+                    Value::Array(pair) if pair.len() == 2 => {
+                        h.insert("eps1".into(), pair[0].clone());
+                        h.insert("eps2".into(), pair[1].clone());
+                    }
+                    other => {
+                        return Err(Error::Msg(format!(
+                            "adafactor: `eps` must be [eps1 or null, eps2], got {other}"
+                        )))
+                    }
+                }
+            }
         }
         _ => {}
     }

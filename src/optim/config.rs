@@ -91,6 +91,20 @@ macro_rules! optimizers {
 
 optimizers! {
     Adamw(crate::optim::adamw::AdamWConfig),
+    Adafactor(crate::optim::adafactor::AdafactorConfig),
+    AdafactorHf(crate::optim::adafactor_hf::AdafactorHfConfig),
+    SchedulefreeAdamw(crate::optim::schedule_free::ScheduleFreeAdamWConfig),
+    SchedulefreeSgd(crate::optim::schedule_free::ScheduleFreeSgdConfig),
+    Mars(crate::optim::mars::MarsConfig),
+    Muon(crate::optim::muon::MuonConfig),
+    Sgd(crate::optim::sgd::SgdConfig),
+    Signum(crate::optim::signum::SignumConfig),
+    Lion(crate::optim::lion::LionConfig),
+    Sophia(crate::optim::sophia::SophiaConfig),
+    Ademamix(crate::optim::ademamix::AdEMAMixConfig),
+    SimplifiedAdemamix(crate::optim::simplified_ademamix::SimplifiedAdEMAMixConfig),
+    Adalayer(crate::optim::adalayer::AdalayerConfig),
+    AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
     Soap(crate::optim::soap::SoapConfig),
 }
 

@@ -1,17 +1,38 @@
 //! Optimizers: one object-safe [`Optimizer`] trait over named candle variables, one
-//! [`Driver`](driver::Driver) behind it, and one small file per optimizer implementing the
-//! per-tensor [`Rule`](rule::Rule).
+//! [`Driver`] behind it, and one small file per optimizer implementing the
+//! per-tensor [`Rule`].
+//!
+//! Training-loop pieces that work with any optimizer: learning-rate [`schedule`]s (factors for
+//! [`Optimizer::set_lr_factor`]), global-norm gradient [`clip`]ping, and exponential weight
+//! averaging ([`ewa`]) with bias-corrected evaluation.
 
+pub mod adafactor;
+pub mod adafactor_hf;
+pub mod adalayer;
 pub mod adamw;
+pub mod ademamix;
+pub mod clip;
 pub mod config;
 pub mod driver;
+pub mod ewa;
 pub mod fused;
 pub mod groups;
 pub mod kron;
+pub mod lion;
+pub mod mars;
+pub mod muon;
+pub mod newton_schulz;
 pub mod params;
 pub mod rule;
+pub mod schedule;
+pub mod schedule_free;
+pub mod sgd;
+pub mod signum;
+pub mod simplified_ademamix;
 pub mod soap;
+pub mod sophia;
 pub mod state;
+pub mod warmup;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,11 +40,14 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
+pub use clip::{clip_grad_norm, clip_grad_norm_named, grad_norm};
 pub use config::{OptimConfig, RuleConfig};
 pub use driver::{Driver, NonFinitePolicy};
+pub use ewa::Ewa;
 pub use groups::{GroupSpec, OptimizerSpec};
 pub use params::{NamedParams, Param, ParamMeta, Role};
 pub use rule::{ExtraInput, Mode, Rule, StepCtx};
+pub use schedule::{ConstantSchedule, DecayShape, Schedule, WarmupCosineSchedule, WsdSchedule};
 pub use state::{State, StateDict};
 
 use crate::error::Result;

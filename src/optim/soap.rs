@@ -474,7 +474,7 @@ fn apply_update(param: &Var, u: &Tensor, step: f64, norm: f64, decay: f64) -> Re
             let (p, u) = (&mut *o[0], i[0]);
             for k in 0..p.len() {
                 let uk = if normalize { u[k] / norm } else { u[k] };
-                p[k] = p[k] - step * uk;
+                p[k] -= step * uk;
                 if has_decay {
                     p[k] = p[k] + decay * p[k];
                 }

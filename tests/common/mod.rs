@@ -1,0 +1,137 @@
+//! Shared helpers for the generic optimizer tests: every registered optimizer goes through the
+//! same table, so a new optimizer is covered the moment it is registered.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use optlab::optim::{Driver, ExtraInput, NamedParams, OptimConfig, Optimizer};
+
+/// The hyperparameters (a TOML fragment) each optimizer runs the generic problems with: its
+/// defaults plus what is written here. Every registered optimizer must appear here.
+pub fn tuned(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "sgd" => "lr = 0.002\nmomentum = 0.9",
+        "adamw" => "lr = 0.02",
+        "signum" | "lion" => "lr = 0.003",
+        "sophia" => "lr = 0.01\nbs = 1\nrho = 0.05",
+        "adafactor" => "lr = 0.05",
+        "adafactor_hf" => "lr = 0.02\nrelative_step = false\nscale_parameter = false",
+        "adalayer" => "lr = 0.02",
+        "adalayer_sgd" => "lr = 0.01",
+        "ademamix" => "lr = 0.01",
+        "simplified_ademamix" => "lr = 0.002\nbetas = [0.9, 0.95]",
+        "schedulefree_adamw" => "lr = 0.02",
+        "schedulefree_sgd" => "lr = 0.012",
+        "mars" => "lr = 0.02",
+        "muon" => "lr = 0.01\nadam_lr = 0.02",
+        "soap" => "lr = 0.02",
+        "shampoo" => "lr = 0.02",
+        _ => return None,
+    })
+}
+
+/// The config of `name` with its [`tuned`] hyperparameters.
+pub fn config(name: &str) -> OptimConfig {
+    let fragment = tuned(name).unwrap_or_else(|| panic!("{name} has no entry in the test table"));
+    OptimConfig::from_toml(&format!("name = \"{name}\"\n{fragment}"))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(values(seed, n), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A small GPT-like parameter set: matrices, an embedding, a head, norms and a bias.
+pub fn model_params(dtype: DType) -> Vec<(String, Var)> {
+    let spec: &[(&str, &[usize])] = &[
+        ("wte.weight", &[11, 6]),
+        ("blocks.0.attn.q.weight", &[6, 6]),
+        ("blocks.0.mlp.fc.weight", &[12, 6]),
+        ("blocks.0.mlp.fc.bias", &[12]),
+        ("blocks.0.norm.weight", &[6]),
+        ("lm_head.weight", &[11, 6]),
+    ];
+    spec.iter()
+        .enumerate()
+        .map(|(i, (n, s))| {
+            (
+                n.to_string(),
+                Var::from_tensor(&tensor(100 + i as u64, s, dtype)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Deep copies of variables (fresh storage).
+pub fn copy_vars(vars: &[(String, Var)]) -> Vec<(String, Var)> {
+    vars.iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn driver(name: &str, vars: &[(String, Var)]) -> Driver {
+    Driver::new(config(name), NamedParams::new(vars.to_vec()).unwrap()).unwrap()
+}
+
+/// Synthetic gradients for step `s` (deterministic), one per parameter.
+pub fn grads_for(vars: &[(String, Var)], s: u64) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, (n, v))| {
+            let g = tensor(1000 * s + i as u64, v.dims(), v.dtype());
+            (n.clone(), g)
+        })
+        .collect()
+}
+
+/// One step of the synthetic run, with the extra inputs some optimizers take.
+pub fn synthetic_step(opt: &mut Driver, vars: &[(String, Var)], s: u64) {
+    opt.step_named(&grads_for(vars, s)).unwrap();
+    if opt.spec().optimizer.name() == "sophia" && s.is_multiple_of(3) {
+        opt.observe_named(ExtraInput::HessianGrad, &grads_for(vars, s + 7_000))
+            .unwrap();
+    }
+}
+
+pub fn values_of(v: &Tensor) -> Vec<f64> {
+    v.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Bit patterns of every parameter, for exact comparisons.
+pub fn snapshot(opt: &dyn Optimizer) -> Vec<(String, Vec<u64>)> {
+    opt.vars()
+        .into_iter()
+        .map(|(n, v)| (n, values_of(&v).iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
