@@ -29,6 +29,7 @@ pub mod schedule_free;
 pub mod sgd;
 pub mod signum;
 pub mod simplified_ademamix;
+pub mod soap;
 pub mod sophia;
 pub mod state;
 pub mod warmup;
