@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod error;
 pub mod io;
+pub mod models;
 pub mod optim;
 
 pub use error::{Error, Result};
