@@ -5,6 +5,7 @@
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 
 pub mod conformance;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod models;
