@@ -348,12 +348,14 @@ fn check_ids(what: &str, t: &Tokens, vocab_size: usize, source: &str) -> Result<
 }
 
 /// Tokenizes documents and writes `train.bin`, `val.bin` and `meta.json` into `out` (each
-/// atomically), splitting with [`split_train_val`]. Returns what `meta.json` records.
+/// atomically), splitting with [`split_train_val`]. `docs` are (name for errors, bytes);
+/// `sources` is what `meta.json` records as the data's origin. Returns the written meta.
 pub fn prepare_shards(
     docs: &[(String, Vec<u8>)],
     tokenizer: Tokenizer,
     val_fraction: f64,
     out: &Path,
+    sources: Vec<String>,
 ) -> Result<ShardMeta> {
     if docs.is_empty() {
         return Err(Error::Msg("prepare: no input documents".into()));
@@ -372,7 +374,7 @@ pub fn prepare_shards(
         vocab_size: tokenizer.vocab_size(),
         train_tokens: train.len() as u64,
         val_tokens: val.len() as u64,
-        sources: docs.iter().map(|(n, _)| n.clone()).collect(),
+        sources,
     };
     tokens::write_shards(out, &train, &val, &meta)?;
     Ok(meta)
@@ -461,7 +463,7 @@ mod tests {
             ),
             ("b.txt".to_string(), b"a second document here. ".repeat(20)),
         ];
-        let meta = prepare_shards(&docs, Tokenizer::Byte, 0.2, dir.path()).unwrap();
+        let meta = prepare_shards(&docs, Tokenizer::Byte, 0.2, dir.path(), vec![]).unwrap();
         let data = Dataset::from_shards(dir.path()).unwrap();
         assert_eq!(data.vocab_size(), 256);
         assert_eq!(data.train().len() as u64, meta.train_tokens);
@@ -523,7 +525,7 @@ mod tests {
                 .repeat(30)
                 .into_bytes(),
         )];
-        let meta = prepare_shards(&docs, Tokenizer::Gpt2, 0.1, dir.path()).unwrap();
+        let meta = prepare_shards(&docs, Tokenizer::Gpt2, 0.1, dir.path(), vec![]).unwrap();
         assert_eq!(meta.vocab_size, 50_257);
         let data = Dataset::from_shards(dir.path()).unwrap();
         assert_eq!(data.vocab_size(), 50_257);
@@ -531,6 +533,6 @@ mod tests {
         assert!(all.contains(&464)); // "The"
         assert!(data.check_model(256, 4).is_err());
         data.check_model(50_304, 4).unwrap();
-        assert!(prepare_shards(&[], Tokenizer::Byte, 0.1, dir.path()).is_err());
+        assert!(prepare_shards(&[], Tokenizer::Byte, 0.1, dir.path(), vec![]).is_err());
     }
 }
