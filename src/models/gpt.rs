@@ -35,7 +35,8 @@ pub enum InitScheme {
     /// where d_in is its input width; the two residual-output matrices (`o_proj`, `fc_out`) of
     /// block i (0-based) are further scaled by 1/√(2(i+1)); embedding and head use 1/√d_model.
     Mitchell,
-    /// Every matrix N(0, `init_std`²) truncated at ±3σ.
+    /// OLMo's "normal" init: every matrix N(0, `init_std`²), untruncated, and the MLP output
+    /// matrix (`fc_out`, OLMo's only `_is_residual` module) further scaled by 1/√(2·n_layers).
     Normal,
 }
 
@@ -186,20 +187,32 @@ impl Gpt {
         cfg.validate()?;
         let (d, v, l) = (cfg.d_model, cfg.vocab_size, cfg.n_layers);
         let seed = cfg.seed;
-        let std_for = |d_in: usize, layer: Option<usize>| match cfg.init {
-            InitScheme::Normal => cfg.init_std,
+        // (std, truncation in σ) of a matrix with input width `d_in`; `layer` is set for the
+        // residual-output matrices of block `layer`.
+        let std_for = |d_in: usize, layer: Option<usize>, is_fc_out: bool| match cfg.init {
+            InitScheme::Normal => {
+                let scale = if is_fc_out {
+                    1.0 / (2.0 * l as f64).sqrt()
+                } else {
+                    1.0
+                };
+                (cfg.init_std * scale, None)
+            }
             InitScheme::Mitchell => {
                 let base = 1.0 / (d_in as f64).sqrt();
-                match layer {
+                let std = match layer {
                     Some(i) => base / (2.0 * (i as f64 + 1.0)).sqrt(),
                     None => base,
-                }
+                };
+                (std, Some(3.0))
             }
         };
         let matrix = |name: &str, out: usize, inp: usize, layer: Option<usize>| {
-            init.trunc_normal(name, &[out, inp], std_for(inp, layer), seed)
+            let is_fc_out = name.ends_with("mlp.fc_out.weight");
+            let (std, cutoff) = std_for(inp, layer, is_fc_out);
+            init.normal(name, &[out, inp], std, cutoff, seed)
         };
-        let wte = init.trunc_normal("wte.weight", &[v, d], std_for(d, None), seed)?;
+        let wte = matrix("wte.weight", v, d, None)?;
         let mut blocks = Vec::with_capacity(l);
         for i in 0..l {
             let p = format!("blocks.{i}");
@@ -464,7 +477,9 @@ mod tests {
             n_layers: 2,
             ..GptConfig::default()
         };
-        let model = ModelConfig::Gpt(c).build(DType::F64, &Device::Cpu).unwrap();
+        let model = ModelConfig::Gpt(c.clone())
+            .build(DType::F64, &Device::Cpu)
+            .unwrap();
         let data = model.varmap().data().lock().unwrap();
         let std = |n: &str| {
             let v = data[n].flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -480,6 +495,24 @@ mod tests {
             data["final_norm.weight"].to_vec1::<f64>().unwrap(),
             vec![1.0; 64]
         );
+        drop(data);
+
+        let normal = GptConfig {
+            init: InitScheme::Normal,
+            init_std: 0.05,
+            ..c
+        };
+        let model = ModelConfig::Gpt(normal)
+            .build(DType::F64, &Device::Cpu)
+            .unwrap();
+        let data = model.varmap().data().lock().unwrap();
+        let std = |n: &str| {
+            let v = data[n].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        close(std("blocks.1.attn.o_proj.weight"), 0.05);
+        close(std("lm_head.weight"), 0.05);
+        close(std("blocks.0.mlp.fc_out.weight"), 0.05 / 2.0);
     }
 
     #[test]

@@ -412,12 +412,25 @@ impl<'a> ParamInit<'a> {
     /// A parameter drawn from N(0, std²) truncated to ±3·std (resampled, as torch's
     /// `trunc_normal_` with `a = −3σ, b = 3σ` does), from the stream of (`seed`, `name`).
     pub fn trunc_normal(&self, name: &str, shape: &[usize], std: f64, seed: u64) -> Result<Tensor> {
+        self.normal(name, shape, std, Some(3.0), seed)
+    }
+
+    /// A parameter drawn from N(0, std²), resampling draws beyond `cutoff`·std when a cutoff is
+    /// given, from the stream of (`seed`, `name`).
+    pub fn normal(
+        &self,
+        name: &str,
+        shape: &[usize],
+        std: f64,
+        cutoff: Option<f64>,
+        seed: u64,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let mut rng = ChaCha12Rng::seed_from_u64(stream_seed(seed, name));
         let mut values = Vec::with_capacity(n);
         while values.len() < n {
             let z: f64 = StandardNormal.sample(&mut rng);
-            if z.abs() <= 3.0 {
+            if cutoff.is_none_or(|c| z.abs() <= c) {
                 values.push(z * std);
             }
         }
