@@ -5,9 +5,11 @@
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 
 pub mod conformance;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod linalg;
+pub mod models;
 pub mod optim;
 
 pub use error::{Error, Result};
