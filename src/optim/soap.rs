@@ -611,3 +611,599 @@ impl<I: InnerRule> Rule for Soap<I> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::optim::adamw::AdamWConfig;
+    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn values(seed: u64, n: usize) -> Vec<f64> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(values(seed, n), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn soap(cfg: SoapConfig, params: &[(&str, Tensor)]) -> (Driver, Vec<(String, Var)>) {
+        let vars: Vec<(String, Var)> = params
+            .iter()
+            .map(|(n, t)| (n.to_string(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let d = Driver::new(
+            OptimConfig::Soap(cfg),
+            NamedParams::new(vars.clone()).unwrap(),
+        )
+        .unwrap();
+        (d, vars)
+    }
+
+    fn step(d: &mut Driver, grads: &[(&str, Tensor)]) -> Result<()> {
+        let g: BTreeMap<String, Tensor> = grads
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        d.step_named(&g)
+    }
+
+    fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
+        let scale = b.iter().fold(1e-300f64, |m, x| m.max(x.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = SoapConfig::default();
+        assert_eq!(c.lr, 3e-3);
+        assert_eq!(c.betas, (0.95, 0.95));
+        assert_eq!(c.factor_beta(), 0.95);
+        assert_eq!(c.precondition_frequency, 10);
+        assert_eq!(c.max_precond_dim, 10000);
+        c.validate().unwrap();
+        let bad = |f: &dyn Fn(&mut SoapConfig), field: &str| {
+            let mut c = SoapConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+        };
+        bad(&|c| c.betas.1 = 1.0, "soap.betas[1]");
+        bad(&|c| c.betas.0 = -0.1, "soap.betas[0]");
+        bad(&|c| c.shampoo_beta = 1.0, "soap.shampoo_beta");
+        bad(&|c| c.shampoo_beta = f64::NAN, "soap.shampoo_beta");
+        bad(&|c| c.eps = 0.0, "soap.eps");
+        bad(&|c| c.weight_decay = -1.0, "soap.weight_decay");
+        bad(
+            &|c| c.precondition_frequency = 0,
+            "soap.precondition_frequency",
+        );
+        bad(&|c| c.lr = f64::INFINITY, "soap.lr");
+        // TOML: reference names, enum values, unknown keys refused.
+        let cfg = OptimConfig::from_toml(
+            "name = \"soap\"\nshampoo_beta = 0.9\ndata_format = \"channels_last\"\nmerge_dims = true\nprecond_dtype = \"float64\"",
+        )
+        .unwrap();
+        match cfg {
+            OptimConfig::Soap(c) => {
+                assert_eq!(c.factor_beta(), 0.9);
+                assert_eq!(c.data_format, DataFormat::ChannelsLast);
+                assert_eq!(c.precond_dtype, PrecondDtype::Float64);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(OptimConfig::from_toml("name = \"soap\"\ndata_format = \"nhwc\"").is_err());
+        assert!(OptimConfig::from_toml("name = \"soap\"\nmax_precondition_dim = 3").is_err());
+    }
+
+    #[test]
+    fn layouts_follow_the_reference() {
+        let c = SoapConfig {
+            max_precond_dim: 12,
+            merge_dims: true,
+            ..SoapConfig::default()
+        };
+        let l = c.layout(&[2, 3, 4, 5]).unwrap();
+        assert_eq!(l.dims(), &[6, 4, 5]);
+        // 1-D: never merged, preconditioned only with precondition_1d and n <= max.
+        assert!(c.layout(&[7]).unwrap().is_trivial());
+        let c1 = SoapConfig {
+            precondition_1d: true,
+            max_precond_dim: 7,
+            ..SoapConfig::default()
+        };
+        assert!(!c1.layout(&[7]).unwrap().is_trivial());
+        assert!(c1.layout(&[8]).unwrap().is_trivial());
+        assert!(c1.layout(&[]).unwrap().is_trivial());
+        // Size-1 dims are not special without merging: [1, 50] gets a 1×1 factor.
+        let l = SoapConfig::default().layout(&[1, 50]).unwrap();
+        assert_eq!(l.factor_dims().collect::<Vec<_>>(), vec![(0, 1), (1, 50)]);
+        // channels_last only matters with merge_dims.
+        let cl = SoapConfig {
+            data_format: DataFormat::ChannelsLast,
+            ..SoapConfig::default()
+        };
+        assert_eq!(cl.layout(&[2, 3, 3, 4]).unwrap().dims(), &[2, 3, 3, 4]);
+    }
+
+    #[test]
+    fn first_call_only_builds_the_basis() {
+        let w = tensor(1, &[4, 6], DType::F64);
+        let (mut d, vars) = soap(SoapConfig::default(), &[("w", w.clone())]);
+        step(&mut d, &[("w", tensor(2, &[4, 6], DType::F64))]).unwrap();
+        assert_eq!(flat(vars[0].1.as_tensor()), flat(&w), "no update on call 1");
+        let st = d.param_state("w").unwrap();
+        assert_eq!(st.scalar("step"), 0.0);
+        for f in ["GG.0", "GG.1", "Q.0", "Q.1", "exp_avg", "exp_avg_sq"] {
+            assert!(st.tensors.contains_key(f), "{f}");
+        }
+        // Q is orthogonal and sorted by descending eigenvalue of GG.
+        let q = st.tensor("Q.1").unwrap();
+        let gg = st.tensor("GG.1").unwrap();
+        let diag = flat(&q.t().unwrap().matmul(gg).unwrap().matmul(q).unwrap());
+        let ev: Vec<f64> = (0..6).map(|i| diag[i * 6 + i]).collect();
+        assert!(ev.windows(2).all(|p| p[0] >= p[1] - 1e-15), "{ev:?}");
+        step(&mut d, &[("w", tensor(3, &[4, 6], DType::F64))]).unwrap();
+        assert_eq!(d.param_state("w").unwrap().scalar("step"), 1.0);
+        assert_ne!(flat(vars[0].1.as_tensor()), flat(&w));
+    }
+
+    /// SOAP whose basis never refreshes is AdamW run on the rotated parameter `Q_Lᵀ W Q_R`
+    /// with rotated gradients (first call skipped; ε negligible, no weight decay, where the two
+    /// conventions coincide).
+    #[test]
+    fn frozen_basis_is_adam_in_the_rotated_basis() {
+        for (shape, max_dim) in [(vec![5usize, 7], 10000usize), (vec![3, 4, 9], 8)] {
+            let cfg = SoapConfig {
+                lr: 0.01,
+                eps: 1e-30,
+                weight_decay: 0.0,
+                precondition_frequency: 1_000_000,
+                max_precond_dim: max_dim,
+                ..SoapConfig::default()
+            };
+            let w0 = tensor(10, &shape, DType::F64);
+            let (mut d, vars) = soap(cfg.clone(), &[("w", w0.clone())]);
+            step(&mut d, &[("w", tensor(11, &shape, DType::F64))]).unwrap();
+            let layout = cfg.layout(&shape).unwrap();
+            let qs = kron::mats(d.param_state("w").unwrap(), "Q", &layout);
+            let rot = |x: &Tensor| kron::mode_products(x, &qs, true).unwrap();
+            let unrot = |x: &Tensor| kron::mode_products(x, &qs, false).unwrap();
+            let adam = AdamWConfig {
+                lr: 0.01,
+                betas: cfg.betas,
+                eps: 1e-30,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            };
+            let wr = Var::from_tensor(&rot(&w0)).unwrap();
+            let mut a = Driver::new(
+                OptimConfig::Adamw(adam),
+                NamedParams::new(vec![("w".to_string(), wr.clone())]).unwrap(),
+            )
+            .unwrap();
+            for s in 0..12u64 {
+                let g = tensor(100 + s, &shape, DType::F64);
+                step(&mut d, &[("w", g.clone())]).unwrap();
+                step(&mut a, &[("w", rot(&g))]).unwrap();
+                let got = flat(vars[0].1.as_tensor());
+                let want = flat(&unrot(wr.as_tensor()));
+                let err = max_rel_diff(&got, &want);
+                assert!(err < 1e-13, "{shape:?} step {s}: {err:e}");
+            }
+        }
+    }
+
+    /// Adam in SOAP's convention (ε on √v before bias correction, decay after the update).
+    fn reference_adam(cfg: &SoapConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<Vec<f64>> {
+        let (b1, b2) = cfg.betas;
+        let mut p = p0.to_vec();
+        let mut m = vec![0.0; p.len()];
+        let mut v = vec![0.0; p.len()];
+        let mut out = vec![p.clone()]; // after call 1: unchanged
+        for (t, g) in grads[1..].iter().enumerate() {
+            let t = (t + 1) as i32;
+            let step = lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+            for k in 0..p.len() {
+                m[k] = b1 * m[k] + (1.0 - b1) * g[k];
+                v[k] = b2 * v[k] + (1.0 - b2) * g[k] * g[k];
+                p[k] -= step * (m[k] / (v[k].sqrt() + cfg.eps));
+                p[k] += -(lr * cfg.weight_decay) * p[k];
+            }
+            out.push(p.clone());
+        }
+        out
+    }
+
+    #[test]
+    fn no_preconditioned_dim_is_adam_with_the_first_step_skipped() {
+        let cfg = SoapConfig {
+            lr: 0.01,
+            max_precond_dim: 3,
+            ..SoapConfig::default()
+        };
+        // A vector, a matrix with both dims above max_precond_dim, a scalar.
+        for shape in [vec![7usize], vec![4, 5], vec![]] {
+            for dtype in [DType::F64, DType::F32] {
+                let p0 = tensor(20, &shape, dtype);
+                let grads: Vec<Tensor> = (0..8).map(|s| tensor(30 + s, &shape, dtype)).collect();
+                let (mut d, vars) = soap(cfg.clone(), &[("p", p0.clone())]);
+                let want = reference_adam(
+                    &cfg,
+                    &flat(&p0),
+                    &grads.iter().map(flat).collect::<Vec<_>>(),
+                    cfg.lr,
+                );
+                for (s, g) in grads.iter().enumerate() {
+                    step(&mut d, &[("p", g.clone())]).unwrap();
+                    let err = max_rel_diff(&flat(vars[0].1.as_tensor()), &want[s]);
+                    let tol = if dtype == DType::F64 { 1e-15 } else { 1e-6 };
+                    assert!(err <= tol, "{shape:?} {dtype:?} step {s}: {err:e}");
+                }
+                let st = d.param_state("p").unwrap();
+                assert!(!st
+                    .tensors
+                    .keys()
+                    .any(|k| k.starts_with("GG") || k.starts_with("Q")));
+            }
+        }
+    }
+
+    /// Runs `steps` SOAP steps on `shape` with gradients from `grad(s)`; returns the driver.
+    fn run_degenerate(
+        cfg: SoapConfig,
+        shape: &[usize],
+        dtype: DType,
+        grad: &dyn Fn(u64) -> Tensor,
+    ) -> (Driver, Vec<(String, Var)>) {
+        let (mut d, vars) = soap(cfg, &[("w", tensor(50, shape, dtype))]);
+        for s in 0..9 {
+            step(&mut d, &[("w", grad(s))]).unwrap();
+            let p = flat(vars[0].1.as_tensor());
+            assert!(
+                p.iter().all(|x| x.is_finite()),
+                "{shape:?} {dtype:?}: non-finite parameter at step {s}"
+            );
+        }
+        (d, vars)
+    }
+
+    #[test]
+    fn degenerate_gradients_never_give_nan_parameters() {
+        let shape = [4usize, 6];
+        for dtype in [DType::F64, DType::F32] {
+            for precond_dtype in [PrecondDtype::Param, PrecondDtype::Float64] {
+                let cfg = SoapConfig {
+                    precondition_frequency: 2,
+                    precondition_1d: true,
+                    precond_dtype,
+                    ..SoapConfig::default()
+                };
+                let zeros = |_s: u64| Tensor::zeros(&shape[..], dtype, &Device::Cpu).unwrap();
+                let rank1 = |s: u64| {
+                    let u = tensor(60 + s, &[4, 1], dtype);
+                    let v = tensor(70, &[1, 6], dtype);
+                    u.matmul(&v).unwrap()
+                };
+                let scaled = |k: f64| {
+                    move |s: u64| {
+                        (tensor(80 + s, &shape, DType::F64) * k)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    }
+                };
+                // Repeated eigenvalues: orthogonal rows of equal norm (G Gᵀ = c·I).
+                let repeated = |s: u64| {
+                    let q = crate::linalg::qr_q(&tensor(90 + s, &[6, 6], DType::F64))
+                        .unwrap()
+                        .value()
+                        .unwrap();
+                    q.narrow(0, 0, 4).unwrap().to_dtype(dtype).unwrap()
+                };
+                let cases: Vec<(&str, Box<dyn Fn(u64) -> Tensor>)> = vec![
+                    ("zero", Box::new(zeros)),
+                    ("rank-1", Box::new(rank1)),
+                    ("1e-20", Box::new(scaled(1e-20))),
+                    ("1e20", Box::new(scaled(1e20))),
+                    ("repeated", Box::new(repeated)),
+                ];
+                for (name, g) in &cases {
+                    let (d, _) = run_degenerate(cfg.clone(), &shape, dtype, g.as_ref());
+                    let diag = d.diagnostics();
+                    let failures = diag["soap.factor_failures"];
+                    // Only f32 factors overflow (|g|² ~ 1e40 > f32::MAX); that is counted.
+                    let may_fail = *name == "1e20"
+                        && dtype == DType::F32
+                        && precond_dtype == PrecondDtype::Param;
+                    assert!(
+                        failures == 0.0 || may_fail,
+                        "{name} {dtype:?} {precond_dtype:?}: {failures} factor failures"
+                    );
+                    if may_fail {
+                        assert!(failures > 0.0, "f32 overflow must be counted");
+                    }
+                }
+                // 1-D with precondition_1d: rank-1 factor every step.
+                let (mut d, vars) = soap(cfg.clone(), &[("b", tensor(51, &[5], dtype))]);
+                for s in 0..7 {
+                    step(&mut d, &[("b", tensor(52 + s, &[5], dtype))]).unwrap();
+                }
+                assert!(flat(vars[0].1.as_tensor()).iter().all(|x| x.is_finite()));
+            }
+        }
+    }
+
+    #[test]
+    fn nan_gradient_is_the_drivers_clear_error() {
+        let (mut d, vars) = soap(
+            SoapConfig::default(),
+            &[("w", tensor(1, &[3, 4], DType::F64))],
+        );
+        step(&mut d, &[("w", tensor(2, &[3, 4], DType::F64))]).unwrap();
+        step(&mut d, &[("w", tensor(3, &[3, 4], DType::F64))]).unwrap();
+        let before = flat(vars[0].1.as_tensor());
+        let st_before = flat(d.param_state("w").unwrap().tensor("GG.0").unwrap());
+        let mut bad = values(4, 12);
+        bad[5] = f64::NAN;
+        let g = Tensor::from_vec(bad, (3, 4), &Device::Cpu).unwrap();
+        let e = step(&mut d, &[("w", g)]).unwrap_err();
+        assert!(
+            matches!(e, Error::NonFiniteGradient { ref param, step: 3 } if param == "w"),
+            "{e}"
+        );
+        assert_eq!(flat(vars[0].1.as_tensor()), before);
+        assert_eq!(
+            flat(d.param_state("w").unwrap().tensor("GG.0").unwrap()),
+            st_before
+        );
+        assert_eq!(d.param_state("w").unwrap().scalar("step"), 1.0);
+    }
+
+    #[test]
+    fn save_load_across_refreshes_is_bit_exact() {
+        let cfg = SoapConfig {
+            precondition_frequency: 2,
+            merge_dims: true,
+            max_precond_dim: 6,
+            ..SoapConfig::default()
+        };
+        for dtype in [DType::F64, DType::F32] {
+            let params = |dt| vec![("a", tensor(1, &[2, 3, 4], dt)), ("b", tensor(2, &[5], dt))];
+            let grads = |s: u64, dt| {
+                vec![
+                    ("a", tensor(10 + s, &[2, 3, 4], dt)),
+                    ("b", tensor(20 + s, &[5], dt)),
+                ]
+            };
+            let (mut a, va) = soap(cfg.clone(), &params(dtype));
+            let (mut b, _) = soap(cfg.clone(), &params(dtype));
+            for s in 0..5 {
+                step(&mut a, &grads(s, dtype)).unwrap();
+                step(&mut b, &grads(s, dtype)).unwrap();
+            }
+            let bytes = b.state_dict().unwrap().to_bytes().unwrap();
+            let vb: Vec<(&str, Tensor)> = b
+                .vars()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        if n == "a" { "a" } else { "b" },
+                        v.as_tensor().copy().unwrap(),
+                    )
+                })
+                .collect();
+            let (mut c, vc) = soap(cfg.clone(), &vb);
+            c.load_state_dict(crate::optim::StateDict::from_bytes(&bytes, &Device::Cpu).unwrap())
+                .unwrap();
+            for s in 5..11 {
+                step(&mut a, &grads(s, dtype)).unwrap();
+                step(&mut c, &grads(s, dtype)).unwrap();
+            }
+            for ((_, x), (_, y)) in va.iter().zip(&vc) {
+                let bits = |t: &Tensor| flat(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(x.as_tensor()), bits(y.as_tensor()), "{dtype:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn channels_last_equals_channels_first_on_the_permuted_tensor() {
+        let base = SoapConfig {
+            merge_dims: true,
+            max_precond_dim: 8,
+            precondition_frequency: 2,
+            ..SoapConfig::default()
+        };
+        let nhwc = [2usize, 3, 2, 4];
+        let to_nchw = |t: &Tensor| t.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let p = tensor(5, &nhwc, DType::F64);
+        let (mut last, vl) = soap(
+            SoapConfig {
+                data_format: DataFormat::ChannelsLast,
+                ..base.clone()
+            },
+            &[("w", p.clone())],
+        );
+        let (mut first, vf) = soap(base, &[("w", to_nchw(&p))]);
+        for s in 0..8 {
+            let g = tensor(40 + s, &nhwc, DType::F64);
+            step(&mut last, &[("w", g.clone())]).unwrap();
+            step(&mut first, &[("w", to_nchw(&g))]).unwrap();
+            let err = max_rel_diff(
+                &flat(&to_nchw(vl[0].1.as_tensor())),
+                &flat(vf[0].1.as_tensor()),
+            );
+            assert!(err < 1e-14, "step {s}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn shampoo_beta_and_frequency_come_from_the_state() {
+        let (mut d, _) = soap(
+            SoapConfig {
+                shampoo_beta: 0.5,
+                precondition_frequency: 7,
+                ..SoapConfig::default()
+            },
+            &[("w", tensor(1, &[2, 3], DType::F64))],
+        );
+        step(&mut d, &[("w", tensor(2, &[2, 3], DType::F64))]).unwrap();
+        let st = d.param_state("w").unwrap();
+        assert_eq!(st.scalar("shampoo_beta"), 0.5);
+        assert_eq!(st.scalar("precondition_frequency"), 7.0);
+        // GG = (1 − βs)·G Gᵀ after the first call.
+        let g = tensor(2, &[2, 3], DType::F64);
+        let want = flat(&(g.matmul(&g.t().unwrap()).unwrap() * 0.5).unwrap());
+        assert!(max_rel_diff(&flat(st.tensor("GG.0").unwrap()), &want) < 1e-15);
+    }
+
+    /// A second inner rule in a few lines: AdEMAMix-style, two original-space EMAs and
+    /// `(m₁' + α·m₂')/(√v + ε)`. With α = 0 it must be SOAP's Adam exactly.
+    #[derive(Debug)]
+    struct TwoEma {
+        adam: AdamInner,
+        beta3: f64,
+        alpha: f64,
+    }
+
+    impl InnerRule for TwoEma {
+        fn name(&self) -> &'static str {
+            "soap_two_ema"
+        }
+        fn moments(&self, _t: u64) -> Vec<(&'static str, f64, f64)> {
+            vec![
+                ("exp_avg", self.adam.beta1, 1.0 - self.adam.beta1),
+                ("exp_avg_slow", self.beta3, 1.0 - self.beta3),
+            ]
+        }
+        fn basis_stats(&self) -> &'static [&'static str] {
+            &["exp_avg_sq"]
+        }
+        fn step_size(&self, lr: f64, t: u64) -> f64 {
+            self.adam.step_size(lr, t)
+        }
+        fn direction(&self, _t: u64, dir: &Tensor, m: &[Tensor], s: &[Tensor]) -> Result<()> {
+            let (b2, eps, alpha) = (self.adam.beta2, self.adam.eps, self.alpha);
+            zip_mut::<f64>(&[dir, &s[0]], &[&m[0], &m[1]], |o, i| {
+                let (d, rest) = o.split_first_mut().unwrap();
+                for k in 0..d.len() {
+                    let g = d[k];
+                    rest[0][k] = b2 * rest[0][k] + (1.0 - b2) * (g * g);
+                    d[k] = (i[0][k] + alpha * i[1][k]) / (rest[0][k].sqrt() + eps);
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[test]
+    fn another_inner_rule_plugs_in() {
+        let cfg = SoapConfig {
+            precondition_frequency: 2,
+            ..SoapConfig::default()
+        };
+        let meta = ParamMeta {
+            name: "w".into(),
+            shape: vec![3, 5],
+            role: crate::optim::Role::Matrix,
+        };
+        let run = |rule: &dyn Rule| {
+            let p = Var::from_tensor(&tensor(1, &[3, 5], DType::F64)).unwrap();
+            let mut st = State::default();
+            let group = State::default();
+            for s in 0..7u64 {
+                let ctx = StepCtx {
+                    lr: cfg.lr,
+                    lr_factor: 1.0,
+                    weight_decay: cfg.weight_decay,
+                    step: s + 1,
+                    group: &group,
+                };
+                rule.update(
+                    &ctx,
+                    &meta,
+                    &p,
+                    &tensor(2 + s, &[3, 5], DType::F64),
+                    &mut st,
+                )
+                .unwrap();
+            }
+            (flat(p.as_tensor()), st)
+        };
+        let adam = AdamInner::from(&cfg);
+        let (want, _) = run(&Soap::new(cfg.clone(), adam));
+        let two = |alpha| TwoEma {
+            adam,
+            beta3: 0.999,
+            alpha,
+        };
+        let (got, st) = run(&Soap::new(cfg.clone(), two(0.0)));
+        assert_eq!(got, want);
+        assert!(st.tensors.contains_key("exp_avg_slow"));
+        let (other, _) = run(&Soap::new(cfg.clone(), two(2.0)));
+        assert_ne!(other, want);
+        let rule = Soap::new(cfg, two(2.0));
+        assert_eq!(rule.name(), "soap_two_ema");
+        let mut diag = BTreeMap::new();
+        rule.diagnostics(&st, &mut diag);
+        assert_eq!(diag["soap_two_ema.factor_failures"], 0.0);
+    }
+
+    #[test]
+    fn mismatched_state_is_refused() {
+        let rule = Soap::new(
+            SoapConfig::default(),
+            AdamInner::from(&SoapConfig::default()),
+        );
+        let meta = ParamMeta {
+            name: "w".into(),
+            shape: vec![3, 4],
+            role: crate::optim::Role::Matrix,
+        };
+        let mut st = State::default();
+        st.tensors.insert(
+            "Q.0".into(),
+            Tensor::zeros((4, 4), DType::F64, &Device::Cpu).unwrap(),
+        );
+        assert!(rule.check_state(&meta, &st).is_err());
+        let mut st = State::default();
+        st.set_scalar("shampoo_beta", 0.95);
+        st.tensors.insert(
+            "exp_avg".into(),
+            Tensor::zeros((3, 4), DType::F64, &Device::Cpu).unwrap(),
+        );
+        assert!(rule.check_state(&meta, &st).is_err(), "bases missing");
+    }
+}
