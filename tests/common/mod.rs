@@ -26,7 +26,7 @@ pub fn tuned(name: &str) -> Option<&'static str> {
         "schedulefree_sgd" => "lr = 0.012",
         "mars" => "lr = 0.02",
         "muon" => "lr = 0.01\nadam_lr = 0.02",
-        "soap" => "lr = 0.02",
+        "soap" => "lr = 0.02\nprecondition_frequency = 2",
         "shampoo" => "lr = 0.02",
         _ => return None,
     })
