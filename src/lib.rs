@@ -11,5 +11,6 @@ pub mod io;
 pub mod linalg;
 pub mod models;
 pub mod optim;
+pub mod runner;
 
 pub use error::{Error, Result};
