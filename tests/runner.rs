@@ -241,8 +241,7 @@ fn schedule_free_resumes_exactly_and_evaluation_does_not_perturb_training() {
             .unwrap()
     };
     assert_eq!(last(a.path()).eval_loss, last(b.path()).eval_loss);
-    // The averaged point is not the training point: evaluating there differs from the loss of
-    // the raw parameters, and it learns.
+    // And the evaluated (averaged) point learns.
     let l = last(a.path());
     assert!(l.eval_loss.unwrap() < 5.0, "{l:?}");
 }
