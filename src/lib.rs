@@ -4,6 +4,7 @@
 //! Simplified-AdEMAMix, Adalayer and the baselines their papers compare against, each exact
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 
+pub mod analysis;
 pub mod conformance;
 pub mod error;
 pub mod io;
