@@ -10,5 +10,6 @@ pub mod error;
 pub mod io;
 pub mod linalg;
 pub mod optim;
+pub mod plots;
 
 pub use error::{Error, Result};

@@ -603,12 +603,15 @@ impl CbsReport {
     }
 }
 
-/// A number in at most 11 characters: fixed point when moderate, scientific otherwise.
+/// A number in at most 11 characters with 6 significant digits: fixed point when moderate,
+/// scientific otherwise.
 fn num(x: f64) -> String {
-    if x != 0.0 && (x.abs() >= 1e7 || x.abs() < 1e-2) {
-        format!("{x:.4e}")
+    let a = x.abs();
+    if x != 0.0 && x.is_finite() && (1e-3..1e6).contains(&a) {
+        let decimals = (5 - a.log10().floor() as i32).max(0) as usize;
+        format!("{x:.decimals$}")
     } else {
-        format!("{x:.2}")
+        format!("{x:.4e}")
     }
 }
 
