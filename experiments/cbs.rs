@@ -12,10 +12,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use optlab::analysis::cbs::{CbsReport, DEFAULT_B0};
 use optlab::analysis::csv::read_cbs_csv;
-use optlab::analysis::{analyze, PowerLaw};
+use optlab::analysis::{analyze, GroupFit, PowerLaw};
 use optlab::plots::{
-    plot_b_star_scaling, plot_steps_to_target, BStarScalingPlot, Layout, ScalingPoint,
-    StepsSeries, StepsToTargetPlot,
+    plot_b_star_scaling, plot_steps_to_target, BStarScalingPlot, Layout, ScalingPoint, StepsSeries,
+    StepsToTargetPlot,
 };
 
 /// Critical-batch-size analysis of steps-to-target data.
@@ -122,7 +122,9 @@ fn write_plots(report: &CbsReport, prefix: &str) -> optlab::Result<Vec<PathBuf>>
             written.push(path);
         }
     }
-    let laws: [(&str, &str, Option<PowerLaw>, fn(&optlab::analysis::GroupFit) -> Option<f64>); 2] = [
+    /// Which column of a group a power law is against.
+    type Column = fn(&GroupFit) -> Option<f64>;
+    let laws: [(&str, &str, Option<PowerLaw>, Column); 2] = [
         (
             "n_params",
             "model size N (n_params)",

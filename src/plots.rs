@@ -378,21 +378,21 @@ struct Axis {
 }
 
 impl Axis {
-    fn to_unit(&self, v: f64) -> f64 {
+    fn unit(self, v: f64) -> f64 {
         if self.log {
             v.ln()
         } else {
             v
         }
     }
-    fn from_unit(&self, u: f64) -> f64 {
+    fn value(self, u: f64) -> f64 {
         if self.log {
             u.exp()
         } else {
             u
         }
     }
-    fn valid(&self, v: f64) -> bool {
+    fn valid(self, v: f64) -> bool {
         v.is_finite() && (!self.log || v > 0.0)
     }
 }
@@ -400,7 +400,7 @@ impl Axis {
 /// Clips a polyline to the box `x × y` (in axis units, so straight on screen), returning the
 /// visible runs. Points that cannot be placed on an axis break the line.
 fn clip(points: &[(f64, f64)], x: Axis, y: Axis) -> Vec<Vec<(f64, f64)>> {
-    let (x0, x1, y0, y1) = (x.to_unit(x.lo), x.to_unit(x.hi), y.to_unit(y.lo), y.to_unit(y.hi));
+    let (x0, x1, y0, y1) = (x.unit(x.lo), x.unit(x.hi), y.unit(y.lo), y.unit(y.hi));
     let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
     let mut current: Vec<(f64, f64)> = Vec::new();
     let mut flush = |current: &mut Vec<(f64, f64)>| {
@@ -416,7 +416,7 @@ fn clip(points: &[(f64, f64)], x: Axis, y: Axis) -> Vec<Vec<(f64, f64)>> {
             flush(&mut current);
             continue;
         }
-        let (px, py, qx, qy) = (x.to_unit(p.0), y.to_unit(p.1), x.to_unit(q.0), y.to_unit(q.1));
+        let (px, py, qx, qy) = (x.unit(p.0), y.unit(p.1), x.unit(q.0), y.unit(q.1));
         // Liang-Barsky.
         let (dx, dy) = (qx - px, qy - py);
         let (mut t0, mut t1) = (0.0f64, 1.0f64);
@@ -439,8 +439,8 @@ fn clip(points: &[(f64, f64)], x: Axis, y: Axis) -> Vec<Vec<(f64, f64)>> {
             flush(&mut current);
             continue;
         }
-        let a = (x.from_unit(px + t0 * dx), y.from_unit(py + t0 * dy));
-        let b = (x.from_unit(px + t1 * dx), y.from_unit(py + t1 * dy));
+        let a = (x.value(px + t0 * dx), y.value(py + t0 * dy));
+        let b = (x.value(px + t1 * dx), y.value(py + t1 * dy));
         if t0 > 0.0 || current.is_empty() {
             flush(&mut current);
             current.push(a);
@@ -512,14 +512,20 @@ macro_rules! with_chart {
         match (x.log, y.log) {
             (true, true) => {
                 let c = builder.build_cartesian_2d(
-                    (x.lo..x.hi).log_scale().with_key_points(log_ticks(x.lo, x.hi)),
-                    (y.lo..y.hi).log_scale().with_key_points(log_ticks(y.lo, y.hi)),
+                    (x.lo..x.hi)
+                        .log_scale()
+                        .with_key_points(log_ticks(x.lo, x.hi)),
+                    (y.lo..y.hi)
+                        .log_scale()
+                        .with_key_points(log_ticks(y.lo, y.hi)),
                 )?;
                 body!(c)
             }
             (true, false) => {
                 let c = builder.build_cartesian_2d(
-                    (x.lo..x.hi).log_scale().with_key_points(log_ticks(x.lo, x.hi)),
+                    (x.lo..x.hi)
+                        .log_scale()
+                        .with_key_points(log_ticks(x.lo, x.hi)),
                     y.lo..y.hi,
                 )?;
                 body!(c)
@@ -527,7 +533,9 @@ macro_rules! with_chart {
             (false, true) => {
                 let c = builder.build_cartesian_2d(
                     x.lo..x.hi,
-                    (y.lo..y.hi).log_scale().with_key_points(log_ticks(y.lo, y.hi)),
+                    (y.lo..y.hi)
+                        .log_scale()
+                        .with_key_points(log_ticks(y.lo, y.hi)),
                 )?;
                 body!(c)
             }
@@ -639,7 +647,7 @@ fn fit_marks(s: &StepsSeries) -> Vec<f64> {
     let Some(f) = s.fit else { return vec![] };
     let max_b = s.points.iter().map(|p| p.0).fold(f64::NAN, f64::max);
     let mut v = vec![f.b0];
-    if !(f.b_star > 1e3 * max_b) {
+    if max_b.is_nan() || f.b_star <= 1e3 * max_b {
         v.push(f.b_star);
     }
     v
@@ -662,7 +670,9 @@ impl StepsFigure<'_> {
             true,
         );
         let ys = span(
-            series.iter().flat_map(|(_, s)| s.points.iter().map(|p| p.1)),
+            series
+                .iter()
+                .flat_map(|(_, s)| s.points.iter().map(|p| p.1)),
             true,
         );
         let (Some((x0, x1)), Some((y0, y1))) = (xs, ys) else {
@@ -680,77 +690,102 @@ impl StepsFigure<'_> {
             log: true,
         };
         let single = series.len() == 1;
-        with_chart!(area, title, x, y, "batch size", "steps to target", |chart| {
-            for &(i, s) in series {
-                let c = color(i);
-                let pts = inside(&s.points, x, y);
-                let data_label = if single {
-                    "data".to_string()
-                } else {
-                    s.label.clone()
-                };
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))?
-                    .label(data_label)
-                    .legend(move |(px, py)| Circle::new((px + 10, py), 5, c.filled()));
-                let Some(f) = s.fit else { continue };
-                let curve: Vec<(f64, f64)> =
-                    samples(x.lo, x.hi, 200, true).map(|b| (b, f.steps(b))).collect();
-                for (k, run) in clip(&curve, x, y).into_iter().enumerate() {
-                    let sr = chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
-                    if k == 0 && single {
-                        sr.label(format!("fit a + b/B (a={}, b={})", tick(f.a), tick(f.b)))
-                            .legend(move |(px, py)| {
-                                PathElement::new(vec![(px, py), (px + 20, py)], c.stroke_width(2))
-                            });
+        with_chart!(
+            area,
+            title,
+            x,
+            y,
+            "batch size",
+            "steps to target",
+            |chart| {
+                for &(i, s) in series {
+                    let c = color(i);
+                    let pts = inside(&s.points, x, y);
+                    let data_label = if single {
+                        "data".to_string()
+                    } else {
+                        s.label.clone()
+                    };
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))?
+                        .label(data_label)
+                        .legend(move |(px, py)| Circle::new((px + 10, py), 5, c.filled()));
+                    let Some(f) = s.fit else { continue };
+                    let curve: Vec<(f64, f64)> = samples(x.lo, x.hi, 200, true)
+                        .map(|b| (b, f.steps(b)))
+                        .collect();
+                    for (k, run) in clip(&curve, x, y).into_iter().enumerate() {
+                        let sr = chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
+                        if k == 0 && single {
+                            sr.label(format!("fit a + b/B (a={}, b={})", tick(f.a), tick(f.b)))
+                                .legend(move |(px, py)| {
+                                    PathElement::new(
+                                        vec![(px, py), (px + 20, py)],
+                                        c.stroke_width(2),
+                                    )
+                                });
+                        }
                     }
-                }
-                let linear: Vec<(f64, f64)> = samples(x.lo, x.hi, 2, true)
-                    .map(|b| (b, f.linear_steps(b)))
-                    .collect();
-                for (k, run) in clip(&linear, x, y).into_iter().enumerate() {
-                    let sr =
-                        chart.draw_series(DashedLineSeries::new(run, 8, 6, c.stroke_width(1)))?;
-                    if k == 0 && single {
-                        sr.label(format!("linear scaling from B0 = {}", tick(f.b0)))
-                            .legend(move |(px, py)| {
-                                PathElement::new(vec![(px, py), (px + 20, py)], c.stroke_width(1))
-                            });
-                    }
-                }
-                let star_label = if single {
-                    format!("B* = {}", tick(f.b_star))
-                } else {
-                    format!("{}: B* = {}", s.label, tick(f.b_star))
-                };
-                let star = (f.b_star, f.steps(f.b_star));
-                if x.valid(star.0) && star.0 >= x.lo && star.0 <= x.hi {
-                    let vertical = clip(&[(star.0, y.lo), (star.0, y.hi)], x, y);
-                    for run in vertical {
-                        chart.draw_series(DashedLineSeries::new(
+                    let linear: Vec<(f64, f64)> = samples(x.lo, x.hi, 2, true)
+                        .map(|b| (b, f.linear_steps(b)))
+                        .collect();
+                    for (k, run) in clip(&linear, x, y).into_iter().enumerate() {
+                        let sr = chart.draw_series(DashedLineSeries::new(
                             run,
-                            3,
-                            4,
-                            c.mix(0.8).stroke_width(1),
+                            8,
+                            6,
+                            c.stroke_width(1),
                         ))?;
+                        if k == 0 && single {
+                            sr.label(format!("linear scaling from B0 = {}", tick(f.b0)))
+                                .legend(move |(px, py)| {
+                                    PathElement::new(
+                                        vec![(px, py), (px + 20, py)],
+                                        c.stroke_width(1),
+                                    )
+                                });
+                        }
                     }
-                    chart
-                        .draw_series(inside(&[star], x, y).into_iter().map(|p| {
-                            TriangleMarker::new(p, 9, c.filled())
-                        }))?
-                        .label(star_label)
-                        .legend(move |(px, py)| TriangleMarker::new((px + 10, py), 7, c.filled()));
-                } else {
-                    // Off the chart: named in the legend only.
-                    chart
-                        .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
-                        .label(format!("{star_label} (off the chart)"))
-                        .legend(move |(px, py)| TriangleMarker::new((px + 10, py), 7, c.filled()));
+                    let star_label = if single {
+                        format!("B* = {}", tick(f.b_star))
+                    } else {
+                        format!("{}: B* = {}", s.label, tick(f.b_star))
+                    };
+                    let star = (f.b_star, f.steps(f.b_star));
+                    if x.valid(star.0) && star.0 >= x.lo && star.0 <= x.hi {
+                        let vertical = clip(&[(star.0, y.lo), (star.0, y.hi)], x, y);
+                        for run in vertical {
+                            chart.draw_series(DashedLineSeries::new(
+                                run,
+                                3,
+                                4,
+                                c.mix(0.8).stroke_width(1),
+                            ))?;
+                        }
+                        chart
+                            .draw_series(
+                                inside(&[star], x, y)
+                                    .into_iter()
+                                    .map(|p| TriangleMarker::new(p, 9, c.filled())),
+                            )?
+                            .label(star_label)
+                            .legend(move |(px, py)| {
+                                TriangleMarker::new((px + 10, py), 7, c.filled())
+                            });
+                    } else {
+                        // Off the chart: named in the legend only.
+                        chart
+                            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
+                            .label(format!("{star_label} (off the chart)"))
+                            .legend(move |(px, py)| {
+                                TriangleMarker::new((px + 10, py), 7, c.filled())
+                            });
+                    }
                 }
+                // Steps fall with the batch size: the lower left stays empty.
+                legend!(chart, SeriesLabelPosition::LowerLeft);
             }
-            // Steps fall with the batch size: the lower left stays empty.
-            legend!(chart, SeriesLabelPosition::LowerLeft);
-        });
+        );
         Ok(())
     }
 
@@ -796,6 +831,9 @@ impl Figure for StepsFigure<'_> {
 // ------------------------------------------------------------------------------------------------
 // (c) final loss vs lr / best lr
 
+/// A series aligned at its optimum: label, best lr, `(lr / best lr, loss)` points.
+type Aligned<'a> = (&'a str, f64, Vec<(f64, f64)>);
+
 struct LrFigure<'a> {
     data: &'a LrSensitivityPlot,
 }
@@ -807,7 +845,7 @@ impl Figure for LrFigure<'_> {
     {
         let d = self.data;
         // Each series relative to its own best lr.
-        let series: Vec<(&str, f64, Vec<(f64, f64)>)> = d
+        let series: Vec<Aligned> = d
             .series
             .iter()
             .filter_map(|s| {
@@ -845,26 +883,43 @@ impl Figure for LrFigure<'_> {
             hi: d.max_loss.unwrap_or(y1),
             log: false,
         };
-        with_chart!(root, &d.title, x, y, "learning rate / best learning rate", "final loss", |chart| {
-            for (i, (label, best, pts)) in series.iter().enumerate() {
-                let c = color(i);
-                for run in clip(pts, x, y) {
-                    chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
+        with_chart!(
+            root,
+            &d.title,
+            x,
+            y,
+            "learning rate / best learning rate",
+            "final loss",
+            |chart| {
+                for (i, (label, best, pts)) in series.iter().enumerate() {
+                    let c = color(i);
+                    for run in clip(pts, x, y) {
+                        chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
+                    }
+                    chart
+                        .draw_series(
+                            inside(pts, x, y)
+                                .into_iter()
+                                .map(|p| Circle::new(p, 4, c.filled())),
+                        )?
+                        .label(format!("{label} (best lr {})", tick(*best)))
+                        .legend(move |(px, py)| {
+                            PathElement::new(vec![(px, py), (px + 20, py)], c.stroke_width(2))
+                        });
                 }
-                chart
-                    .draw_series(inside(pts, x, y).into_iter().map(|p| Circle::new(p, 4, c.filled())))?
-                    .label(format!("{label} (best lr {})", tick(*best)))
-                    .legend(move |(px, py)| {
-                        PathElement::new(vec![(px, py), (px + 20, py)], c.stroke_width(2))
-                    });
+                let v = clip(&[(1.0, y.lo), (1.0, y.hi)], x, y);
+                for run in v {
+                    chart.draw_series(DashedLineSeries::new(
+                        run,
+                        3,
+                        4,
+                        BLACK.mix(0.5).stroke_width(1),
+                    ))?;
+                }
+                // Loss is U-shaped in the lr: the lower corners stay empty.
+                legend!(chart, SeriesLabelPosition::LowerRight);
             }
-            let v = clip(&[(1.0, y.lo), (1.0, y.hi)], x, y);
-            for run in v {
-                chart.draw_series(DashedLineSeries::new(run, 3, 4, BLACK.mix(0.5).stroke_width(1)))?;
-            }
-            // Loss is U-shaped in the lr: the lower corners stay empty.
-            legend!(chart, SeriesLabelPosition::LowerRight);
-        });
+        );
         Ok(())
     }
 }
@@ -897,34 +952,46 @@ impl Figure for ScalingFigure<'_> {
             hi: y1,
             log: true,
         };
-        with_chart!(root, &d.title, x, y, d.x_label.as_str(), "critical batch size B*", |chart| {
-            let c = color(0);
-            if let Some(law) = d.fit {
-                let line: Vec<(f64, f64)> =
-                    samples(x.lo, x.hi, 2, true).map(|v| (v, law.eval(v))).collect();
-                for (k, run) in clip(&line, x, y).into_iter().enumerate() {
-                    let sr = chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
-                    if k == 0 {
-                        sr.label(format!("B* = {} x^{:.3}", tick(law.coef), law.exponent))
-                            .legend(move |(px, py)| {
-                                PathElement::new(vec![(px, py), (px + 20, py)], c.stroke_width(2))
-                            });
+        with_chart!(
+            root,
+            &d.title,
+            x,
+            y,
+            d.x_label.as_str(),
+            "critical batch size B*",
+            |chart| {
+                let c = color(0);
+                if let Some(law) = d.fit {
+                    let line: Vec<(f64, f64)> = samples(x.lo, x.hi, 2, true)
+                        .map(|v| (v, law.eval(v)))
+                        .collect();
+                    for (k, run) in clip(&line, x, y).into_iter().enumerate() {
+                        let sr = chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
+                        if k == 0 {
+                            sr.label(format!("B* = {} x^{:.3}", tick(law.coef), law.exponent))
+                                .legend(move |(px, py)| {
+                                    PathElement::new(
+                                        vec![(px, py), (px + 20, py)],
+                                        c.stroke_width(2),
+                                    )
+                                });
+                        }
                     }
                 }
+                for (i, p) in d.points.iter().enumerate() {
+                    let pc = color(i + 1);
+                    chart
+                        .draw_series(
+                            inside(&[(p.x, p.b_star)], x, y)
+                                .into_iter()
+                                .map(|q| Circle::new(q, 6, pc.filled())),
+                        )?
+                        .label(format!("{} (B* = {})", p.label, tick(p.b_star)))
+                        .legend(move |(px, py)| Circle::new((px + 10, py), 5, pc.filled()));
+                }
+                legend!(chart, SeriesLabelPosition::UpperLeft);
             }
-            for (i, p) in d.points.iter().enumerate() {
-                let pc = color(i + 1);
-                chart
-                    .draw_series(
-                        inside(&[(p.x, p.b_star)], x, y)
-                            .into_iter()
-                            .map(|q| Circle::new(q, 6, pc.filled())),
-                    )?
-                    .label(format!("{} (B* = {})", p.label, tick(p.b_star)))
-                    .legend(move |(px, py)| Circle::new((px + 10, py), 5, pc.filled()));
-            }
-            legend!(chart, SeriesLabelPosition::UpperLeft);
-        });
+        );
         Ok(())
     }
 }
@@ -947,7 +1014,10 @@ mod tests {
         let narrow = log_ticks(105.0, 195.0);
         assert!(narrow.len() >= 3 && narrow.len() <= 10, "{narrow:?}");
         assert_eq!(log_ticks(110.0, 450.0), [200.0, 300.0, 400.0]);
-        assert_eq!(log_ticks(1.0, 1e9), [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]);
+        assert_eq!(
+            log_ticks(1.0, 1e9),
+            [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
+        );
     }
 
     #[test]

@@ -24,7 +24,12 @@ fn check(path: &Path) {
     match path.extension().and_then(|e| e.to_str()) {
         Some("png") => {
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
-            assert!(bytes.len() > 10_000, "{}: {} bytes", path.display(), bytes.len());
+            assert!(
+                bytes.len() > 10_000,
+                "{}: {} bytes",
+                path.display(),
+                bytes.len()
+            );
         }
         Some("svg") => {
             let text = String::from_utf8(bytes).unwrap();
@@ -35,7 +40,12 @@ fn check(path: &Path) {
                 "{}",
                 path.display()
             );
-            assert!(text.len() > 5_000, "{}: {} bytes", path.display(), text.len());
+            assert!(
+                text.len() > 5_000,
+                "{}: {} bytes",
+                path.display(),
+                text.len()
+            );
         }
         _ => panic!("unexpected file {}", path.display()),
     }
@@ -43,7 +53,10 @@ fn check(path: &Path) {
     let tmp_prefix = format!(".{}.tmp.", path.file_name().unwrap().to_string_lossy());
     for entry in std::fs::read_dir(dir).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with(&tmp_prefix), "temporary file left: {name}");
+        assert!(
+            !name.starts_with(&tmp_prefix),
+            "temporary file left: {name}"
+        );
     }
 }
 
@@ -131,24 +144,28 @@ fn steps_to_target() {
 fn lr_sensitivity() {
     let (_keep, dir) = out_dir();
     let lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2];
-    let series = [("adamw", 3e-3, 0.04), ("lion", 3e-4, 0.08), ("sgd", 1e-2, 0.2)]
-        .iter()
-        .map(|&(name, best, width)| LrSeries {
-            label: name.into(),
-            points: lrs
-                .iter()
-                .map(|&lr: &f64| {
-                    let d = (lr / best).ln();
-                    let loss = if lr > 10.0 * best {
-                        f64::NAN // diverged
-                    } else {
-                        3.2 + width * d * d
-                    };
-                    (lr, loss)
-                })
-                .collect(),
-        })
-        .collect();
+    let series = [
+        ("adamw", 3e-3, 0.04),
+        ("lion", 3e-4, 0.08),
+        ("sgd", 1e-2, 0.2),
+    ]
+    .iter()
+    .map(|&(name, best, width)| LrSeries {
+        label: name.into(),
+        points: lrs
+            .iter()
+            .map(|&lr: &f64| {
+                let d = (lr / best).ln();
+                let loss = if lr > 10.0 * best {
+                    f64::NAN // diverged
+                } else {
+                    3.2 + width * d * d
+                };
+                (lr, loss)
+            })
+            .collect(),
+    })
+    .collect();
     let data = LrSensitivityPlot {
         title: "final loss vs learning rate (synthetic)".into(),
         series,

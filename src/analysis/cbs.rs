@@ -97,7 +97,10 @@ pub fn fit_cbs(group: &str, points: &[(f64, f64)], b0: f64) -> Result<CbsFit> {
         if !(bs.is_finite() && bs > 0.0) {
             return Err(Error::analysis(
                 ctx(),
-                format!("point {}: batch size must be finite and > 0, got {bs}", i + 1),
+                format!(
+                    "point {}: batch size must be finite and > 0, got {bs}",
+                    i + 1
+                ),
             ));
         }
         if !(steps.is_finite() && steps > 0.0) {
@@ -260,7 +263,7 @@ impl Projected {
                 break;
             };
             let g_new = self.objective(t + delta);
-            if !(g_new <= g) {
+            if g_new.is_nan() || g_new > g {
                 break;
             }
             (t, g) = (t + delta, g_new);
@@ -631,7 +634,12 @@ mod tests {
 
     #[test]
     fn recovers_exact_parameters() {
-        for (a, b) in [(1000.0, 2.0e6), (250.0, 1.0e5), (3.0e4, 1.0e9), (12.5, 640.0)] {
+        for (a, b) in [
+            (1000.0, 2.0e6),
+            (250.0, 1.0e5),
+            (3.0e4, 1.0e9),
+            (12.5, 640.0),
+        ] {
             let fit = fit_cbs("g", &exact(a, b), 256.0).unwrap();
             assert!(rel(fit.a, a) < 1e-9, "a: {} vs {a}", fit.a);
             assert!(rel(fit.b, b) < 1e-9, "b: {} vs {b}", fit.b);
@@ -679,8 +687,14 @@ mod tests {
                 .sum()
         };
         let best = f(fit.a, fit.b);
-        for (da, db) in [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (1.0, 1.0), (1.0, -1.0)]
-        {
+        for (da, db) in [
+            (1.0, 0.0),
+            (-1.0, 0.0),
+            (0.0, 1.0),
+            (0.0, -1.0),
+            (1.0, 1.0),
+            (1.0, -1.0),
+        ] {
             let h = 1e-4;
             assert!(f(fit.a * (1.0 + h * da), fit.b * (1.0 + h * db)) >= best);
         }
@@ -691,24 +705,48 @@ mod tests {
         let msg = |r: Result<CbsFit>| r.unwrap_err().to_string();
         let two = [(64.0, 100.0), (128.0, 60.0), (64.0, 110.0)];
         let m = msg(fit_cbs("adamw", &two, 256.0));
-        assert!(m.contains("group `adamw`") && m.contains("3 distinct"), "{m}");
-        let m = msg(fit_cbs("soap", &[(64.0, 1.0), (0.0, 1.0), (256.0, 1.0)], 256.0));
-        assert!(m.contains("group `soap`") && m.contains("batch size"), "{m}");
-        let m = msg(fit_cbs("soap", &[(64.0, 1.0), (128.0, -3.0), (256.0, 1.0)], 256.0));
+        assert!(
+            m.contains("group `adamw`") && m.contains("3 distinct"),
+            "{m}"
+        );
+        let m = msg(fit_cbs(
+            "soap",
+            &[(64.0, 1.0), (0.0, 1.0), (256.0, 1.0)],
+            256.0,
+        ));
+        assert!(
+            m.contains("group `soap`") && m.contains("batch size"),
+            "{m}"
+        );
+        let m = msg(fit_cbs(
+            "soap",
+            &[(64.0, 1.0), (128.0, -3.0), (256.0, 1.0)],
+            256.0,
+        ));
         assert!(m.contains("steps must be finite and > 0"), "{m}");
-        let m = msg(fit_cbs("nan", &[(64.0, 1.0), (128.0, f64::NAN), (256.0, 1.0)], 256.0));
+        let m = msg(fit_cbs(
+            "nan",
+            &[(64.0, 1.0), (128.0, f64::NAN), (256.0, 1.0)],
+            256.0,
+        ));
         assert!(m.contains("group `nan`"), "{m}");
         // Flat: no linear-scaling regime.
         let flat: Vec<(f64, f64)> = BATCHES.iter().map(|&bs| (bs, 500.0)).collect();
         let m = msg(fit_cbs("flat", &flat, 256.0));
-        assert!(m.contains("group `flat`") && m.contains("degenerate"), "{m}");
+        assert!(
+            m.contains("group `flat`") && m.contains("degenerate"),
+            "{m}"
+        );
         // Rising with the batch size: worse than flat, still degenerate.
         let rising: Vec<(f64, f64)> = BATCHES.iter().map(|&bs| (bs, bs)).collect();
         assert!(msg(fit_cbs("rising", &rising, 256.0)).contains("degenerate"));
         // Perfect linear scaling: no critical batch size in the data.
         let linear: Vec<(f64, f64)> = BATCHES.iter().map(|&bs| (bs, 1e6 / bs)).collect();
         let m = msg(fit_cbs("linear", &linear, 256.0));
-        assert!(m.contains("group `linear`") && m.contains("a/b is 0"), "{m}");
+        assert!(
+            m.contains("group `linear`") && m.contains("a/b is 0"),
+            "{m}"
+        );
         assert!(msg(fit_cbs("g", &exact(1.0, 1.0), 0.0)).contains("b0"));
         assert!(msg(fit_cbs("g", &[], 256.0)).contains("3 distinct"));
     }
@@ -725,7 +763,10 @@ mod tests {
         let m = fit_power_law("B* vs tokens", &[(5.0, 1.0), (5.0, 2.0)])
             .unwrap_err()
             .to_string();
-        assert!(m.contains("B* vs tokens") && m.contains("2 distinct"), "{m}");
+        assert!(
+            m.contains("B* vs tokens") && m.contains("2 distinct"),
+            "{m}"
+        );
         assert!(fit_power_law("x", &[(1.0, 1.0), (-2.0, 1.0)]).is_err());
         assert!(fit_power_law("x", &[]).is_err());
     }
@@ -773,7 +814,12 @@ mod tests {
         assert!(report.power_laws.tokens.is_some());
 
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-        let keys: Vec<&str> = json.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
         assert_eq!(keys, ["groups", "power_laws"]);
         let g0 = json["groups"][0].as_object().unwrap();
         let mut keys: Vec<&str> = g0.keys().map(|k| k.as_str()).collect();

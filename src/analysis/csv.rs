@@ -168,7 +168,12 @@ pub fn parse_cbs_csv(text: &str, source: &Path) -> Result<Vec<CbsRow>> {
             return Err(fail(line, "column `group` is empty".into()));
         }
         let number = |k: usize| -> Result<Option<f64>> {
-            let name = REQUIRED.iter().chain(&OPTIONAL).nth(k).copied().unwrap_or("");
+            let name = REQUIRED
+                .iter()
+                .chain(&OPTIONAL)
+                .nth(k)
+                .copied()
+                .unwrap_or("");
             match cell(k) {
                 None | Some("") => Ok(None),
                 Some(s) => match s.parse::<f64>() {
@@ -250,16 +255,28 @@ mod tests {
         assert!(err("").contains("empty"));
         assert!(err("group,batch_size,steps\n").contains("no data rows"));
         let m = err("group,steps\nx,1\n");
-        assert!(m.contains("line 1") && m.contains("missing column(s) batch_size"), "{m}");
+        assert!(
+            m.contains("line 1") && m.contains("missing column(s) batch_size"),
+            "{m}"
+        );
         let m = err("group,batch_size,steps,loss\n");
         assert!(m.contains("unknown column `loss`"), "{m}");
         assert!(err("group,group,batch_size,steps\n").contains("appears twice"));
         let m = err("group,batch_size,steps\na,64,100\n# c\nb,64\n");
-        assert!(m.contains("t.csv: line 4") && m.contains("2 field(s)"), "{m}");
+        assert!(
+            m.contains("t.csv: line 4") && m.contains("2 field(s)"),
+            "{m}"
+        );
         let m = err("group,batch_size,steps\na,64,abc\n");
-        assert!(m.contains("line 2") && m.contains("`steps` is not a number: `abc`"), "{m}");
+        assert!(
+            m.contains("line 2") && m.contains("`steps` is not a number: `abc`"),
+            "{m}"
+        );
         let m = err("group,batch_size,steps\na,-64,10\n");
-        assert!(m.contains("line 2") && m.contains("group `a`") && m.contains("> 0"), "{m}");
+        assert!(
+            m.contains("line 2") && m.contains("group `a`") && m.contains("> 0"),
+            "{m}"
+        );
         let m = err("group,batch_size,steps,n_params\na,64,10,0\n");
         assert!(m.contains("`n_params` must be finite and > 0"), "{m}");
         assert!(err("group,batch_size,steps\n,64,10\n").contains("`group` is empty"));
