@@ -7,7 +7,7 @@ use optlab::conformance::{replay, report_line, GoldenCase, Outcome};
 
 /// Optimizers whose golden files exist but which the library does not implement yet: they must
 /// report exactly that, so the day they land this list shrinks and the cases are checked.
-const NOT_YET: &[&str] = &["soap", "shampoo"];
+const NOT_YET: &[&str] = &["soap"];
 
 fn golden_files() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");

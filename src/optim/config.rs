@@ -105,6 +105,7 @@ optimizers! {
     SimplifiedAdemamix(crate::optim::simplified_ademamix::SimplifiedAdEMAMixConfig),
     Adalayer(crate::optim::adalayer::AdalayerConfig),
     AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
+    Shampoo(crate::optim::shampoo::ShampooConfig),
 }
 
 impl OptimConfig {
