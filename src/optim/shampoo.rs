@@ -2416,6 +2416,10 @@ factor_matrix_dtype = "float64"
                 Box::new(|h| h["distributed_config"]["type"] = json!("DDPDistributedConfig")),
             ),
             (
+                "distributed_config",
+                Box::new(|h| h["distributed_config"] = json!(null)),
+            ),
+            (
                 "retry_double_precision",
                 Box::new(|h| {
                     h["preconditioner_config"]["amortized_computation_config"]
