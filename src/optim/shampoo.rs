@@ -35,6 +35,14 @@
 //! dim unpreconditioned. Without grafting the first `s − 1` steps are (EMA-)SGD, because `P_k`
 //! starts as the identity.
 //!
+//! State (saved and loaded like any other): per block `b` and preconditioned view dim `k`,
+//! `block<b>.factor_matrix.<k>` and `block<b>.inv_factor_matrix.<k>` (absent until first
+//! computed, meaning the identity); parameter-shaped `grafting_state` (V), `filtered_grad` (M)
+//! and `momentum_buffer` (B), which are elementwise and so need no blocking. Matrices are kept
+//! in `factor_matrix_dtype` / `inv_factor_matrix_dtype` (f32 by default, as the reference; use
+//! float64 for float64 work and whenever ε is far below float32 round-off of the factors);
+//! float32 matrices of a float64 parameter are stored as (exact) float64 values.
+//!
 //! Robustness: a failed inverse root (the eigensolver does not converge or returns non-finite
 //! values, after an f64 retry for f32 factors) keeps the previous `P_k` and is counted: the
 //! state scalars `failed_amortized_computations` (total) and
@@ -62,8 +70,9 @@ use crate::error::{check, Error, Result};
 use crate::linalg::{self, InverseRoot, LinalgError, Robust, RootMethod, Stability};
 use crate::optim::config::RuleConfig;
 use crate::optim::fused::{all_finite, sum_sq, zip_mut, Float};
-use crate::optim::kron::Refresh;
-use crate::optim::kron::{ema_update, mode_gram, mode_products, Blocks, FactorEma, KronLayout};
+use crate::optim::kron::{
+    ema_update, mode_gram, mode_products, Blocks, FactorEma, KronLayout, Refresh,
+};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
