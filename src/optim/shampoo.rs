@@ -999,7 +999,6 @@ impl Shampoo {
     }
 
     /// Steps 2–7: grafting state, filtered gradient, direction, weight decay, momentum, update.
-    #[allow(clippy::too_many_arguments)]
     fn apply<T: Float>(
         &self,
         ctx: &StepCtx<'_>,
