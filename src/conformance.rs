@@ -205,9 +205,13 @@ fn typed_object(what: &str, v: Value) -> Result<(String, Map<String, Value>)> {
 /// Removes `key` from `m`, failing unless it is absent or equal to `neutral` (options that only
 /// matter for devices, memory layout or logging have no effect on one CPU only at that value).
 fn neutral(m: &mut Map<String, Value>, what: &str, key: &str, neutral: Value) -> Result<()> {
+    let same = |v: &Value| match (v.as_f64(), neutral.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => *v == neutral,
+    };
     match m.remove(key) {
         None => Ok(()),
-        Some(v) if v == neutral => Ok(()),
+        Some(v) if same(&v) => Ok(()),
         Some(v) => Err(Error::Msg(format!(
             "shampoo: `{what}.{key}` = {v} is not supported (only {neutral})"
         ))),
@@ -224,22 +228,30 @@ fn no_leftovers(m: &Map<String, Value>, what: &str) -> Result<()> {
 }
 
 /// DistributedShampoo's nested hyperparameters onto [`crate::optim::shampoo::ShampooConfig`].
+///
+/// The nested config objects (`grafting_config`, `iterate_averaging_config`,
+/// `preconditioner_config` with its `amortized_computation_config`, `distributed_config`) are
+/// identified by their `type` (the reference's class name) and flattened onto the config's
+/// tagged tables. Options that only concern devices, compilation or memory layout are accepted
+/// at their neutral value only (`use_pin_memory = false`, `shampoo_pt2_compile_config = null`,
+/// a single-device `distributed_config`, `retry_double_precision = true`,
+/// `eigendecomposition_offload_device = ""`, `tolerance = 0`); `use_symmetric_packing` is a
+/// lossless storage format and accepted either way. Anything else fails the case.
 fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
     neutral(h, "hparams", "use_pin_memory", Value::Bool(false))?;
     neutral(h, "hparams", "shampoo_pt2_compile_config", Value::Null)?;
     if let Some(v) = h.remove("distributed_config") {
-        if !v.is_null() {
-            let (ty, mut m) = typed_object("distributed_config", v)?;
-            if ty != "SingleDeviceDistributedConfig" {
-                return Err(Error::Msg(format!(
-                    "shampoo: distributed_config `{ty}` is not supported (single device only)"
-                )));
-            }
-            if let Some(t) = m.remove("target_parameter_dimensionality") {
-                h.insert("target_parameter_dimensionality".into(), t);
-            }
-            no_leftovers(&m, "distributed_config")?;
+        // Only the single-device distributor; its merging target changes the math and maps.
+        let (ty, mut m) = typed_object("distributed_config", v)?;
+        if ty != "SingleDeviceDistributedConfig" {
+            return Err(Error::Msg(format!(
+                "shampoo: distributed_config `{ty}` is not supported (single device only)"
+            )));
         }
+        if let Some(t) = m.remove("target_parameter_dimensionality") {
+            h.insert("target_parameter_dimensionality".into(), t);
+        }
+        no_leftovers(&m, "distributed_config")?;
     }
     if let Some(v) = h.remove("iterate_averaging_config") {
         let mapped = if v.is_null() {
