@@ -292,9 +292,9 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
         state.sampler = t.sampler.position();
 
         let evaluate = step == total
-            || (config.eval.interval > 0 && step % config.eval.interval == 0)
+            || (config.eval.interval > 0 && step.is_multiple_of(config.eval.interval))
             || config.eval.at.contains(&step);
-        let log = evaluate || step % config.train.log_interval == 0;
+        let log = evaluate || step.is_multiple_of(config.train.log_interval);
         if log {
             let mut line = MetricsLine {
                 step,
@@ -323,7 +323,7 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
         }
         let stop_here = opts.stop_after == Some(step);
         let interval = config.checkpoint.interval;
-        if step == total || stop_here || (interval > 0 && step % interval == 0) {
+        if step == total || stop_here || (interval > 0 && step.is_multiple_of(interval)) {
             writer.sync()?;
             state.metrics_bytes = writer.bytes();
             state.metrics_lines = writer.lines();
@@ -696,7 +696,7 @@ impl Trainer {
             ewa.update()?;
         }
         if let Some(ids) = &self.hessian {
-            if step % self.cfg.train.hessian_interval == 0 {
+            if step.is_multiple_of(self.cfg.train.hessian_interval) {
                 let mut rng = label_rng(self.cfg.seed, step);
                 let (_, mut g) = self.grads(&batch, Labels::Sampled(&mut rng))?;
                 self.clip(&mut g)?;
