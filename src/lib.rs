@@ -5,6 +5,8 @@
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 
 pub mod conformance;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod io;
 pub mod linalg;

@@ -1,0 +1,467 @@
+//! CUDA side of the fused optimizer updates (feature `cuda`).
+//!
+//! The kernels are in `kernels/fused.cu`, compiled to PTX by `build.rs` and loaded once per
+//! device as the module `optlab_fused`. Each is the GPU twin of a plain-Rust loop in
+//! `src/optim/` (a [`zip_mut`](crate::optim::fused::zip_mut) body): the optimizer's code
+//! computes the same per-step scalars in f64 for both, and
+//! [`zip_mut_or_kernel`](crate::optim::fused::zip_mut_or_kernel) picks the loop or the kernel by
+//! the parameter's device. `tests/cuda_twins.rs` compares every kernel with its twin.
+//!
+//! Memory safety rests on one function, [`with_device_ptrs`]: it takes candle's write lock on
+//! every tensor the kernel writes (nested in-place ops, as the CPU twin does) and a read lock on
+//! every tensor it only reads, checks dtype, device, contiguity and distinctness, and hands the
+//! raw device pointers to a launch closure while all locks and cudarc's stream-order guards are
+//! held. The kernels index only within the element counts checked here.
+
+use std::cell::RefCell;
+
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::error::{Error, Result};
+use crate::optim::fused::Float;
+
+/// PTX of `kernels/fused.cu`.
+pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+/// Module name under which candle caches the loaded PTX.
+const MODULE: &str = "optlab_fused";
+/// Threads per block of every launch (the reduction kernels assume exactly this).
+const THREADS: u32 = 256;
+/// Most blocks of an elementwise launch; the kernels loop over the rest (grid stride).
+const MAX_BLOCKS: usize = 1 << 16;
+/// Elements per partial sum in Adalayer's block statistics.
+const SUMSQ_CHUNK: usize = 8192;
+
+/// The single argument of every kernel, laid out as `Args<T>` in `kernels/fused.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Args<T> {
+    out: [u64; 4],
+    ins: [u64; 2],
+    scratch: u64,
+    n: u64,
+    aux: [u64; 2],
+    s: [T; 16],
+}
+
+// SAFETY: a plain `#[repr(C)]` aggregate of integers and f32/f64 whose layout matches the C++
+// struct (8-byte fields first, no padding before the scalar array for either float type).
+unsafe impl<T: DeviceRepr> DeviceRepr for Args<T> {}
+
+impl<T: Float> Args<T> {
+    fn new(outs: &[u64], ins: &[u64], n: usize, scalars: &[T]) -> Result<Self> {
+        let mut a = Args {
+            out: [0; 4],
+            ins: [0; 2],
+            scratch: 0,
+            n: n as u64,
+            aux: [0; 2],
+            s: [T::zero(); 16],
+        };
+        if outs.len() > a.out.len() || ins.len() > a.ins.len() || scalars.len() > a.s.len() {
+            return Err(Error::Msg(format!(
+                "fused kernel: at most 4 outputs, 2 inputs and 16 scalars (got {}, {}, {})",
+                outs.len(),
+                ins.len(),
+                scalars.len()
+            )));
+        }
+        a.out[..outs.len()].copy_from_slice(outs);
+        a.ins[..ins.len()].copy_from_slice(ins);
+        a.s[..scalars.len()].copy_from_slice(scalars);
+        Ok(a)
+    }
+}
+
+/// Launches `kernel` (suffixed `_f32`/`_f64` by `T`) with `blocks` blocks of [`THREADS`].
+///
+/// # Safety
+/// `args` must satisfy the kernel's contract in `kernels/fused.cu`: every pointer it uses
+/// valid for the element count it indexes, written buffers not aliased.
+unsafe fn launch<T: Float>(
+    dev: &CudaDevice,
+    kernel: &str,
+    blocks: usize,
+    args: &Args<T>,
+) -> Result<()> {
+    if blocks == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from(blocks)
+        .map_err(|_| Error::Msg(format!("{kernel}: {blocks} blocks is too large a grid")))?;
+    let name = format!("{kernel}_{}", T::DTYPE.as_str());
+    let func = dev.get_or_load_custom_func(&name, MODULE, FUSED_PTX)?;
+    let mut builder = func.builder();
+    builder.arg(args);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    builder.launch(cfg).w()?;
+    Ok(())
+}
+
+/// Blocks for a grid-stride elementwise launch over `n` elements.
+fn elementwise_blocks(n: usize) -> usize {
+    n.div_ceil(THREADS as usize).min(MAX_BLOCKS)
+}
+
+/// One launch of the elementwise kernel `name` over `outs` (written) and `ins` (read), all of
+/// the same element count, with `scalars` as its `s[..]` arguments.
+pub fn launch_elementwise<T: Float>(
+    name: &'static str,
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+    scalars: &[T],
+) -> Result<()> {
+    let n = outs.first().map(|t| t.elem_count()).unwrap_or(0);
+    for t in outs.iter().chain(ins) {
+        if t.elem_count() != n {
+            return Err(Error::Msg(format!(
+                "{name}: operands of {} and {} elements; the fused kernel needs equal sizes",
+                n,
+                t.elem_count()
+            )));
+        }
+    }
+    with_device_ptrs::<T>(outs, ins, |dev, o, i| {
+        let args = Args::new(o, i, n, scalars)?;
+        // SAFETY: every pointer addresses `n` elements (checked above and by
+        // `with_device_ptrs`), and the elementwise kernels index below `n` only.
+        unsafe { launch(dev, name, elementwise_blocks(n), &args) }
+    })
+}
+
+/// Adalayer's update on the device (the twin of `Plan::apply` in `src/optim/adalayer.rs`):
+/// `p` and `m` of `n` elements, `v` of `nb` block scalars (blocks of `n / nb` consecutive
+/// elements), `g` of `n` elements. With `w2` the block statistics are folded into `v` first.
+/// `s` = (w1, decay, neg_step, bc2_sqrt, eps).
+pub fn adalayer<T: Float>(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    w2: Option<T>,
+    s: [T; 5],
+) -> Result<()> {
+    let (n, nb) = (p.elem_count(), v.elem_count());
+    if m.elem_count() != n || g.elem_count() != n {
+        return Err(Error::Msg(
+            "adalayer: parameter, momentum and gradient sizes differ".into(),
+        ));
+    }
+    if n == 0 || nb == 0 {
+        return Ok(());
+    }
+    let len = n / nb;
+    let covered = nb * len;
+    with_device_ptrs::<T>(&[p, m, v], &[g], |dev, o, i| {
+        if let Some(w2) = w2 {
+            if len > 0 {
+                let chunks = len.div_ceil(SUMSQ_CHUNK);
+                let scratch = dev.alloc_zeros::<f64>(nb * chunks)?;
+                let stream = dev.cuda_stream();
+                let (scratch_ptr, _sync) = scratch.device_ptr(&stream);
+                let mut a = Args::<T>::new(&[], i, covered, &[])?;
+                a.scratch = scratch_ptr;
+                a.aux = [len as u64, SUMSQ_CHUNK as u64];
+                // SAFETY: block (b, c) reads g[b·len + c·chunk ..] below (b + 1)·len ≤ n and
+                // writes scratch[b·chunks + c] < nb·chunks, the allocation's length.
+                unsafe { launch(dev, "adalayer_sumsq", nb * chunks, &a)? };
+                let mut a = Args::<T>::new(&o[2..3], &[], nb, &[w2])?;
+                a.scratch = scratch_ptr;
+                a.aux = [len as u64, chunks as u64];
+                // SAFETY: block b reads scratch[b·chunks ..(b + 1)·chunks] and writes v[b],
+                // b < nb = v's length.
+                unsafe { launch(dev, "adalayer_v", nb, &a)? };
+            }
+        }
+        let mut a = Args::<T>::new(o, i, covered, &s)?;
+        a.aux = [len.max(1) as u64, 0];
+        // SAFETY: element k < nb·len ≤ n of p, m, g, and v[k / len] with k / len < nb.
+        unsafe { launch(dev, "adalayer_update", elementwise_blocks(covered), &a) }
+    })
+}
+
+/// The device the tensors live on, if it is one CUDA device for all of them.
+fn common_cuda_device(tensors: &[&Tensor]) -> Result<()> {
+    let Some(first) = tensors.first() else {
+        return Ok(());
+    };
+    for t in tensors {
+        if !t.device().is_cuda() || !t.device().same_device(first.device()) {
+            return Err(Error::Msg(format!(
+                "fused CUDA kernel: every operand must be on the same CUDA device (found {:?} and {:?})",
+                first.device().location(),
+                t.device().location()
+            )));
+        }
+    }
+    Ok(())
+}
+
+type Launch<'a> = dyn FnMut(&CudaDevice, &[u64], &[u64]) -> Result<()> + 'a;
+
+/// One level of the nesting: write-locks one output (through candle's in-place op), records
+/// its device pointer and recurses into the next output, so every lock and cudarc stream guard
+/// of the outer levels is still held when the innermost level launches.
+struct Nest<'a, 'b> {
+    rest: &'a [&'a Tensor],
+    ins: &'a [&'a Tensor],
+    elem_size: usize,
+    ptrs: RefCell<&'b mut Vec<u64>>,
+    launch: RefCell<&'b mut Launch<'a>>,
+    dtype_ok: fn(&CudaStorage) -> bool,
+    result: RefCell<Option<Result<()>>>,
+}
+
+impl InplaceOp1 for Nest<'_, '_> {
+    fn name(&self) -> &'static str {
+        "optlab-fused-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        *self.result.borrow_mut() = Some(Err(Error::Msg(
+            "fused CUDA kernel called on a CPU tensor".into(),
+        )));
+        Ok(())
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+        let outcome = self.level(storage, layout);
+        *self.result.borrow_mut() = Some(outcome);
+        Ok(())
+    }
+}
+
+impl Nest<'_, '_> {
+    fn level(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        let (start, end) = contiguous_range(layout, "output")?;
+        if !(self.dtype_ok)(storage) {
+            return Err(Error::Msg(
+                "fused CUDA kernel: output of the wrong dtype".into(),
+            ));
+        }
+        let dev = storage.device.clone();
+        let stream = dev.cuda_stream();
+        // `as_cuda_slice_mut` is generic over the element type, but only the byte address is
+        // needed here; the dtype was checked above.
+        let (base, _sync) = match &mut storage.slice {
+            candle_core::cuda_backend::CudaStorageSlice::F32(s) => {
+                check_len(s.len(), end)?;
+                s.device_ptr_mut(&stream)
+            }
+            candle_core::cuda_backend::CudaStorageSlice::F64(s) => {
+                check_len(s.len(), end)?;
+                s.device_ptr_mut(&stream)
+            }
+            _ => {
+                return Err(Error::Msg(
+                    "fused CUDA kernel: not an f32/f64 tensor".into(),
+                ))
+            }
+        };
+        self.ptrs
+            .borrow_mut()
+            .push(base + (start * self.elem_size) as u64);
+        let mut ptrs = self.ptrs.borrow_mut();
+        let mut launch = self.launch.borrow_mut();
+        nest(
+            self.rest,
+            self.ins,
+            self.elem_size,
+            self.dtype_ok,
+            &dev,
+            &mut ptrs,
+            &mut **launch,
+        )
+        // `_sync` drops here, after the launch was queued: cudarc records the write.
+    }
+}
+
+fn check_len(len: usize, end: usize) -> Result<()> {
+    if end > len {
+        return Err(Error::Msg(format!(
+            "fused CUDA kernel: layout ends at {end}, storage holds {len}"
+        )));
+    }
+    Ok(())
+}
+
+fn contiguous_range(layout: &Layout, what: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{what}: fused kernels need contiguous tensors")))
+}
+
+fn nest<'a>(
+    outs: &'a [&'a Tensor],
+    ins: &'a [&'a Tensor],
+    elem_size: usize,
+    dtype_ok: fn(&CudaStorage) -> bool,
+    dev: &CudaDevice,
+    ptrs: &mut Vec<u64>,
+    launch: &mut Launch<'a>,
+) -> Result<()> {
+    if let Some((first, rest)) = outs.split_first() {
+        let op = Nest {
+            rest,
+            ins,
+            elem_size,
+            ptrs: RefCell::new(ptrs),
+            launch: RefCell::new(launch),
+            dtype_ok,
+            result: RefCell::new(None),
+        };
+        first.inplace_op1(&op)?;
+        return op
+            .result
+            .into_inner()
+            .unwrap_or_else(|| Err(Error::Msg("fused CUDA kernel did not run".into())));
+    }
+    // Innermost level: every output is write-locked by an enclosing frame. Read-lock the
+    // inputs and hold their stream guards across the launch.
+    let guards: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
+    let stream = dev.cuda_stream();
+    let mut syncs = Vec::with_capacity(guards.len());
+    let mut in_ptrs = Vec::with_capacity(guards.len());
+    for (guard, layout) in &guards {
+        let (start, end) = contiguous_range(layout, "input")?;
+        let Storage::Cuda(s) = &**guard else {
+            return Err(Error::Msg(
+                "fused CUDA kernel: input not on a CUDA device".into(),
+            ));
+        };
+        if !dtype_ok(s) {
+            return Err(Error::Msg(
+                "fused CUDA kernel: input of the wrong dtype".into(),
+            ));
+        }
+        let (base, sync) = match &s.slice {
+            candle_core::cuda_backend::CudaStorageSlice::F32(s) => {
+                check_len(s.len(), end)?;
+                s.device_ptr(&stream)
+            }
+            candle_core::cuda_backend::CudaStorageSlice::F64(s) => {
+                check_len(s.len(), end)?;
+                s.device_ptr(&stream)
+            }
+            _ => {
+                return Err(Error::Msg(
+                    "fused CUDA kernel: not an f32/f64 tensor".into(),
+                ))
+            }
+        };
+        syncs.push(sync);
+        in_ptrs.push(base + (start * elem_size) as u64);
+    }
+    let result = launch(dev, ptrs, &in_ptrs);
+    drop(syncs);
+    result
+}
+
+/// Runs `launch` with the device pointers of `outs` (each write-locked, in order) and `ins`
+/// (each read-locked), element type `T`, all on one CUDA device, contiguous and distinct.
+///
+/// This is the only place raw device pointers of optimizer tensors are taken. The pointers
+/// are valid, and no other candle operation can touch these buffers, for the duration of the
+/// call; `launch` only queues work on the device's stream, which candle's later operations on
+/// the same tensors are ordered after.
+pub fn with_device_ptrs<T: Float>(
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+    mut launch: impl FnMut(&CudaDevice, &[u64], &[u64]) -> Result<()>,
+) -> Result<()> {
+    let all: Vec<&Tensor> = outs.iter().chain(ins).copied().collect();
+    common_cuda_device(&all)?;
+    for (i, a) in all.iter().enumerate() {
+        if a.dtype() != T::DTYPE {
+            return Err(Error::DType {
+                what: "fused CUDA kernel operand".into(),
+                dtype: a.dtype(),
+            });
+        }
+        if i < outs.len() {
+            for b in &all[i + 1..] {
+                if a.id() == b.id() {
+                    return Err(Error::Msg(
+                        "fused kernel operands must be distinct tensors".into(),
+                    ));
+                }
+            }
+        }
+    }
+    let Some(first) = outs.first() else {
+        return Err(Error::Msg("fused CUDA kernel without an output".into()));
+    };
+    let dev = match first.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => unreachable!("checked by common_cuda_device"),
+    };
+    fn is_f32(s: &CudaStorage) -> bool {
+        matches!(s.slice, candle_core::cuda_backend::CudaStorageSlice::F32(_))
+    }
+    fn is_f64(s: &CudaStorage) -> bool {
+        matches!(s.slice, candle_core::cuda_backend::CudaStorageSlice::F64(_))
+    }
+    let dtype_ok: fn(&CudaStorage) -> bool = match T::DTYPE {
+        candle_core::DType::F32 => is_f32,
+        candle_core::DType::F64 => is_f64,
+        other => {
+            return Err(Error::DType {
+                what: "fused CUDA kernel".into(),
+                dtype: other,
+            })
+        }
+    };
+    let mut ptrs = Vec::with_capacity(outs.len());
+    nest(
+        outs,
+        ins,
+        std::mem::size_of::<T>(),
+        dtype_ok,
+        &dev,
+        &mut ptrs,
+        &mut launch,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the Rust side launches exists in the PTX for both dtypes.
+    #[test]
+    fn every_launched_kernel_is_in_the_ptx() {
+        let src = include_str!("../../kernels/fused.cu");
+        let names = [
+            "adamw",
+            "adamw_amsgrad",
+            "sign_momentum",
+            "ademamix",
+            "ademamix_no_m1",
+            "simplified_ademamix",
+            "adalayer_sumsq",
+            "adalayer_v",
+            "adalayer_update",
+            "adalayer_sgd",
+            "schedule_free_adam",
+            "schedule_free_sgd",
+            "lerp_toward",
+        ];
+        for name in names {
+            for suffix in ["f32", "f64"] {
+                let entry = format!(".entry {name}_{suffix}(");
+                assert!(FUSED_PTX.contains(&entry), "missing {entry}");
+            }
+            assert!(
+                src.contains(&format!("({name},")),
+                "no entry point for {name}"
+            );
+        }
+        assert_eq!(std::mem::size_of::<Args<f32>>(), 80 + 16 * 4);
+        assert_eq!(std::mem::size_of::<Args<f64>>(), 80 + 16 * 8);
+    }
+}
