@@ -303,6 +303,17 @@ __device__ void lerp_toward(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
+// element is ±inf or NaN (every writer stores the same value, so the race is benign).
+template <typename T>
+__device__ void nonfinite(const Args<T>& a) {
+    const T* x = a.in[0];
+    bool bad = false;
+    GRID_STRIDE(k, a.n) { bad = bad || !isfinite(x[k]); }
+    if (bad) a.scratch[0] = 1.0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points.
 #define ENTRY(name, body)                                                                 \
     extern "C" __global__ void name##_f32(const Args<float> a) { body<float>(a); }        \
@@ -324,3 +335,4 @@ ENTRY(adalayer_sgd, adalayer_sgd)
 ENTRY(schedule_free_adam, schedule_free_adam)
 ENTRY(schedule_free_sgd, schedule_free_sgd)
 ENTRY(lerp_toward, lerp_toward)
+ENTRY(nonfinite, nonfinite)

@@ -161,9 +161,9 @@ pub fn adalayer<T: Float>(
         if let Some(w2) = w2 {
             if len > 0 {
                 let chunks = len.div_ceil(SUMSQ_CHUNK);
-                let scratch = dev.alloc_zeros::<f64>(nb * chunks)?;
+                let mut scratch = dev.alloc_zeros::<f64>(nb * chunks)?;
                 let stream = dev.cuda_stream();
-                let (scratch_ptr, _sync) = scratch.device_ptr(&stream);
+                let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
                 let mut a = Args::<T>::new(&[], i, covered, &[])?;
                 a.scratch = scratch_ptr;
                 a.aux = [len as u64, SUMSQ_CHUNK as u64];
@@ -185,7 +185,28 @@ pub fn adalayer<T: Float>(
     })
 }
 
-/// The device the tensors live on, if it is one CUDA device for all of them.
+/// Whether every element of `t` (contiguous, dtype `T`, on a CUDA device) is finite: one
+/// reading pass on the device and one 8-byte copy back.
+pub fn all_finite<T: Float>(t: &Tensor) -> Result<bool> {
+    let n = t.elem_count();
+    let mut flag = 0.0;
+    with_device_ptrs::<T>(&[], &[t], |dev, _, i| {
+        let mut scratch = dev.alloc_zeros::<f64>(1)?;
+        {
+            let stream = dev.cuda_stream();
+            let (ptr, _sync) = scratch.device_ptr_mut(&stream);
+            let mut a = Args::<T>::new(&[], i, n, &[])?;
+            a.scratch = ptr;
+            // SAFETY: reads x[k] for k < n (checked by `with_device_ptrs`), writes scratch[0].
+            unsafe { launch(dev, "nonfinite", elementwise_blocks(n), &a)? };
+        }
+        flag = dev.clone_dtoh(&scratch)?[0];
+        Ok(())
+    })?;
+    Ok(flag == 0.0)
+}
+
+/// Checks that the tensors all live on one CUDA device.
 fn common_cuda_device(tensors: &[&Tensor]) -> Result<()> {
     let Some(first) = tensors.first() else {
         return Ok(());
@@ -393,8 +414,8 @@ pub fn with_device_ptrs<T: Float>(
             }
         }
     }
-    let Some(first) = outs.first() else {
-        return Err(Error::Msg("fused CUDA kernel without an output".into()));
+    let Some(first) = all.first() else {
+        return Err(Error::Msg("fused CUDA kernel without operands".into()));
     };
     let dev = match first.device() {
         candle_core::Device::Cuda(d) => d.clone(),
@@ -450,6 +471,7 @@ mod tests {
             "schedule_free_adam",
             "schedule_free_sgd",
             "lerp_toward",
+            "nonfinite",
         ];
         for name in names {
             for suffix in ["f32", "f64"] {

@@ -269,6 +269,11 @@ pub fn sum_sq(t: &Tensor) -> Result<f64> {
 
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F64) {
+        let t = t.contiguous()?;
+        return crate::with_float!(t.dtype(), "all_finite", T => crate::cuda::all_finite::<T>(&t));
+    }
     if !t.device().is_cpu() {
         // x − x is 0 for finite x and NaN for ±inf and NaN, so the sum is 0 exactly when every
         // element is finite (one reduction on the device, one scalar copied back).
