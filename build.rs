@@ -14,6 +14,11 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=OPTLAB_EMULATE_KERNELS");
+    println!("cargo::rustc-check-cfg=cfg(optlab_emulate_kernels)");
+    if std::env::var("OPTLAB_EMULATE_KERNELS").is_ok_and(|v| v == "1") {
+        emulator();
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -57,6 +62,45 @@ fn main() {
             });
         assert!(status.success(), "nvcc failed on {}", src.display());
     }
+}
+
+/// Compiles `kernels/fused.cu` as host C++ (`kernels/emulate/host.cpp`) into a static library
+/// and sets `cfg(optlab_emulate_kernels)`, for checking the kernels without a GPU
+/// (src/kernels/emulate.rs). Needs a C++17 compiler (`$CXX`, else `c++`) and `ar`.
+fn emulator() {
+    println!("cargo:rerun-if-env-changed=CXX");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let obj = out.join("fused_host.o");
+    // -ffp-contract=off: no fused multiply-add, as in the CUDA build (--fmad=false).
+    let status = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-ffp-contract=off",
+            "-fPIC",
+            "-pthread",
+            "-c",
+        ])
+        .arg("kernels/emulate/host.cpp")
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .unwrap_or_else(|e| panic!("OPTLAB_EMULATE_KERNELS=1 needs a C++ compiler ({cxx}): {e}"));
+    assert!(status.success(), "{cxx} failed on kernels/emulate/host.cpp");
+    let lib = out.join("liboptlab_fused_host.a");
+    let _ = std::fs::remove_file(&lib);
+    let status = Command::new("ar")
+        .arg("crs")
+        .arg(&lib)
+        .arg(&obj)
+        .status()
+        .expect("ar");
+    assert!(status.success(), "ar failed");
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=optlab_fused_host");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+    println!("cargo:rustc-cfg=optlab_emulate_kernels");
 }
 
 fn nvcc() -> PathBuf {

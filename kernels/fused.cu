@@ -314,13 +314,17 @@ __device__ void nonfinite(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points.
+// Entry points. (kernels/emulate/host.cpp defines these macros itself to compile this file as
+// host code; ENTRY_SYNC marks the kernels that use __syncthreads.)
+#ifndef ENTRY
 #define ENTRY(name, body)                                                                 \
     extern "C" __global__ void name##_f32(const Args<float> a) { body<float>(a); }        \
     extern "C" __global__ void name##_f64(const Args<double> a) { body<double>(a); }
 #define ENTRY2(name, body, flag)                                                          \
     extern "C" __global__ void name##_f32(const Args<float> a) { body<float, flag>(a); }  \
     extern "C" __global__ void name##_f64(const Args<double> a) { body<double, flag>(a); }
+#define ENTRY_SYNC(name, body) ENTRY(name, body)
+#endif
 
 ENTRY2(adamw, adamw, false)
 ENTRY2(adamw_amsgrad, adamw, true)
@@ -328,8 +332,8 @@ ENTRY(sign_momentum, sign_momentum)
 ENTRY2(ademamix, ademamix, true)
 ENTRY2(ademamix_no_m1, ademamix, false)
 ENTRY(simplified_ademamix, simplified_ademamix)
-ENTRY(adalayer_sumsq, adalayer_sumsq)
-ENTRY(adalayer_v, adalayer_v)
+ENTRY_SYNC(adalayer_sumsq, adalayer_sumsq)
+ENTRY_SYNC(adalayer_v, adalayer_v)
 ENTRY(adalayer_update, adalayer_update)
 ENTRY(adalayer_sgd, adalayer_sgd)
 ENTRY(schedule_free_adam, schedule_free_adam)

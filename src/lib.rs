@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod cuda;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod linalg;
 pub mod optim;
 

@@ -31,18 +31,7 @@ fn cuda() -> Option<Device> {
     }
 }
 
-/// Parameters covering every Adalayer block kind (embedding rows, fused QKV thirds, whole
-/// tensor over several partial-sum chunks, head rows longer than one chunk, norms), odd sizes
-/// and a single element.
-const SHAPES: &[(&str, &[usize])] = &[
-    ("blocks.0.attn.att_proj.weight", &[21, 19]),
-    ("blocks.0.mlp.fc.bias", &[300]),
-    ("blocks.0.mlp.fc.weight", &[300, 257]),
-    ("blocks.0.norm.weight", &[19]),
-    ("lm_head.weight", &[5, 20001]),
-    ("scale", &[1]),
-    ("wte.weight", &[37, 19]),
-];
+use common::KERNEL_SHAPES as SHAPES;
 
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
@@ -185,21 +174,19 @@ fn twin(dev: &Device, toml: &str, shapes: &[(&str, &[usize])], steps: u64) {
     }
 }
 
+/// Every [`common::kernel_cases_of`] case of `name`.
+fn twins_of(dev: &Device, name: &str) {
+    let cases = common::kernel_cases_of(name);
+    assert!(!cases.is_empty(), "no kernel cases for {name}");
+    for (toml, steps) in cases {
+        twin(dev, &toml, SHAPES, steps);
+    }
+}
+
 #[test]
 fn adamw_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    twin(
-        &dev,
-        "name = \"adamw\"\nlr = 0.02\nweight_decay = 0.1",
-        SHAPES,
-        3,
-    );
-    twin(
-        &dev,
-        "name = \"adamw\"\nlr = 0.02\namsgrad = true\nmaximize = true",
-        SHAPES,
-        3,
-    );
+    twins_of(&dev, "adamw");
 }
 
 #[test]
@@ -217,92 +204,34 @@ fn adamw_covers_more_than_one_grid() {
 #[test]
 fn lion_and_signum_match_cpu() {
     let Some(dev) = cuda() else { return };
-    twin(
-        &dev,
-        "name = \"lion\"\nlr = 0.003\nweight_decay = 0.5",
-        SHAPES,
-        3,
-    );
-    twin(&dev, "name = \"signum\"\nlr = 0.003", SHAPES, 3);
+    twins_of(&dev, "lion");
+    twins_of(&dev, "signum");
 }
 
 #[test]
 fn ademamix_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    twin(
-        &dev,
-        "name = \"ademamix\"\nlr = 0.01\nalpha_warmup = 5\nbeta3_warmup = 5\nweight_decay = 0.1",
-        SHAPES,
-        3,
-    );
-    // β1 = 0: no fast EMA, the kernel without m1.
-    twin(
-        &dev,
-        "name = \"ademamix\"\nlr = 0.01\nbetas = [0.0, 0.999, 0.9999]",
-        SHAPES,
-        3,
-    );
+    twins_of(&dev, "ademamix");
 }
 
 #[test]
 fn simplified_ademamix_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    twin(
-        &dev,
-        "name = \"simplified_ademamix\"\nlr = 0.002\nbetas = [0.9, 0.95]\nalpha = 2.0\nbeta1_warmup = 4",
-        SHAPES,
-        3,
-    );
-    twin(
-        &dev,
-        "name = \"simplified_ademamix\"\nlr = 0.002\nbias_correction1 = true\nbias_correction2 = false\nweight_decay = 0.1",
-        SHAPES,
-        3,
-    );
+    twins_of(&dev, "simplified_ademamix");
 }
 
 #[test]
 fn adalayer_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    let all = "att_correction = true\nlastlayer_correction = true\nfirstlayer_correction = true\nupdate_norm = true";
-    twin(
-        &dev,
-        &format!("name = \"adalayer\"\nlr = 0.02\n{all}"),
-        SHAPES,
-        3,
-    );
-    twin(&dev, "name = \"adalayer\"\nlr = 0.02", SHAPES, 2);
-    // Frozen: running averages up to t_freeze, then frozen scalars (v untouched by the kernel).
-    twin(
-        &dev,
-        &format!("name = \"adalayer\"\nlr = 0.02\nt_freeze = 2\n{all}"),
-        SHAPES,
-        4,
-    );
-    twin(
-        &dev,
-        "name = \"adalayer_sgd\"\nlr = 0.01\nlastlayer_correction = true\nfirstlayer_correction = true\nupdate_norm = true",
-        SHAPES,
-        3,
-    );
+    twins_of(&dev, "adalayer");
+    twins_of(&dev, "adalayer_sgd");
 }
 
 #[test]
 fn schedule_free_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    twin(
-        &dev,
-        "name = \"schedulefree_adamw\"\nlr = 0.02\nweight_decay = 0.1\nwarmup_steps = 2",
-        SHAPES,
-        4,
-    );
-    twin(
-        &dev,
-        "name = \"schedulefree_sgd\"\nlr = 0.012\nweight_decay = 0.05",
-        SHAPES,
-        3,
-    );
-    twin(&dev, "name = \"schedulefree_adamw\"\nlr = 0.02", SHAPES, 2);
+    twins_of(&dev, "schedulefree_adamw");
+    twins_of(&dev, "schedulefree_sgd");
 }
 
 #[test]

@@ -20,59 +20,16 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
+use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, THREADS};
 use crate::optim::fused::Float;
 
 /// PTX of `kernels/fused.cu`.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 /// Module name under which candle caches the loaded PTX.
 const MODULE: &str = "optlab_fused";
-/// Threads per block of every launch (the reduction kernels assume exactly this).
-const THREADS: u32 = 256;
-/// Most blocks of an elementwise launch; the kernels loop over the rest (grid stride).
-const MAX_BLOCKS: usize = 1 << 16;
-/// Elements per partial sum in Adalayer's block statistics.
-const SUMSQ_CHUNK: usize = 8192;
-
-/// The single argument of every kernel, laid out as `Args<T>` in `kernels/fused.cu`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Args<T> {
-    out: [u64; 4],
-    ins: [u64; 2],
-    scratch: u64,
-    n: u64,
-    aux: [u64; 2],
-    s: [T; 16],
-}
-
 // SAFETY: a plain `#[repr(C)]` aggregate of integers and f32/f64 whose layout matches the C++
 // struct (8-byte fields first, no padding before the scalar array for either float type).
 unsafe impl<T: DeviceRepr> DeviceRepr for Args<T> {}
-
-impl<T: Float> Args<T> {
-    fn new(outs: &[u64], ins: &[u64], n: usize, scalars: &[T]) -> Result<Self> {
-        let mut a = Args {
-            out: [0; 4],
-            ins: [0; 2],
-            scratch: 0,
-            n: n as u64,
-            aux: [0; 2],
-            s: [T::zero(); 16],
-        };
-        if outs.len() > a.out.len() || ins.len() > a.ins.len() || scalars.len() > a.s.len() {
-            return Err(Error::Msg(format!(
-                "fused kernel: at most 4 outputs, 2 inputs and 16 scalars (got {}, {}, {})",
-                outs.len(),
-                ins.len(),
-                scalars.len()
-            )));
-        }
-        a.out[..outs.len()].copy_from_slice(outs);
-        a.ins[..ins.len()].copy_from_slice(ins);
-        a.s[..scalars.len()].copy_from_slice(scalars);
-        Ok(a)
-    }
-}
 
 /// Launches `kernel` (suffixed `_f32`/`_f64` by `T`) with `blocks` blocks of [`THREADS`].
 ///
@@ -103,11 +60,6 @@ unsafe fn launch<T: Float>(
     Ok(())
 }
 
-/// Blocks for a grid-stride elementwise launch over `n` elements.
-fn elementwise_blocks(n: usize) -> usize {
-    n.div_ceil(THREADS as usize).min(MAX_BLOCKS)
-}
-
 /// One launch of the elementwise kernel `name` over `outs` (written) and `ins` (read), all of
 /// the same element count, with `scalars` as its `s[..]` arguments.
 pub fn launch_elementwise<T: Float>(
@@ -117,15 +69,8 @@ pub fn launch_elementwise<T: Float>(
     scalars: &[T],
 ) -> Result<()> {
     let n = outs.first().map(|t| t.elem_count()).unwrap_or(0);
-    for t in outs.iter().chain(ins) {
-        if t.elem_count() != n {
-            return Err(Error::Msg(format!(
-                "{name}: operands of {} and {} elements; the fused kernel needs equal sizes",
-                n,
-                t.elem_count()
-            )));
-        }
-    }
+    check_sizes(name, n, outs)?;
+    check_sizes(name, n, ins)?;
     with_device_ptrs::<T>(outs, ins, |dev, o, i| {
         let args = Args::new(o, i, n, scalars)?;
         // SAFETY: every pointer addresses `n` elements (checked above and by
@@ -146,42 +91,21 @@ pub fn adalayer<T: Float>(
     w2: Option<T>,
     s: [T; 5],
 ) -> Result<()> {
-    let (n, nb) = (p.elem_count(), v.elem_count());
-    if m.elem_count() != n || g.elem_count() != n {
-        return Err(Error::Msg(
-            "adalayer: parameter, momentum and gradient sizes differ".into(),
-        ));
-    }
-    if n == 0 || nb == 0 {
+    let n = p.elem_count();
+    check_sizes("adalayer", n, &[m, g])?;
+    let Some(plan) = AdalayerPlan::new(n, v.elem_count()) else {
         return Ok(());
-    }
-    let len = n / nb;
-    let covered = nb * len;
+    };
     with_device_ptrs::<T>(&[p, m, v], &[g], |dev, o, i| {
-        if let Some(w2) = w2 {
-            if len > 0 {
-                let chunks = len.div_ceil(SUMSQ_CHUNK);
-                let mut scratch = dev.alloc_zeros::<f64>(nb * chunks)?;
-                let stream = dev.cuda_stream();
-                let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
-                let mut a = Args::<T>::new(&[], i, covered, &[])?;
-                a.scratch = scratch_ptr;
-                a.aux = [len as u64, SUMSQ_CHUNK as u64];
-                // SAFETY: block (b, c) reads g[b·len + c·chunk ..] below (b + 1)·len ≤ n and
-                // writes scratch[b·chunks + c] < nb·chunks, the allocation's length.
-                unsafe { launch(dev, "adalayer_sumsq", nb * chunks, &a)? };
-                let mut a = Args::<T>::new(&o[2..3], &[], nb, &[w2])?;
-                a.scratch = scratch_ptr;
-                a.aux = [len as u64, chunks as u64];
-                // SAFETY: block b reads scratch[b·chunks ..(b + 1)·chunks] and writes v[b],
-                // b < nb = v's length.
-                unsafe { launch(dev, "adalayer_v", nb, &a)? };
-            }
+        let mut scratch = dev.alloc_zeros::<f64>(plan.scratch_len().max(1))?;
+        let stream = dev.cuda_stream();
+        let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
+        for (kernel, blocks, args) in plan.launches(o, i, scratch_ptr, w2, s)? {
+            // SAFETY: `AdalayerPlan::launches` documents each kernel's accesses: all within
+            // p, m, g (n elements, checked), v (nb elements) and the workspace (scratch_len).
+            unsafe { launch(dev, kernel, blocks, &args)? };
         }
-        let mut a = Args::<T>::new(o, i, covered, &s)?;
-        a.aux = [len.max(1) as u64, 0];
-        // SAFETY: element k < nb·len ≤ n of p, m, g, and v[k / len] with k / len < nb.
-        unsafe { launch(dev, "adalayer_update", elementwise_blocks(covered), &a) }
+        Ok(())
     })
 }
 
@@ -453,37 +377,14 @@ pub fn with_device_ptrs<T: Float>(
 mod tests {
     use super::*;
 
-    /// Every kernel the Rust side launches exists in the PTX for both dtypes.
+    /// Every kernel the Rust side launches is in the PTX for both dtypes.
     #[test]
     fn every_launched_kernel_is_in_the_ptx() {
-        let src = include_str!("../../kernels/fused.cu");
-        let names = [
-            "adamw",
-            "adamw_amsgrad",
-            "sign_momentum",
-            "ademamix",
-            "ademamix_no_m1",
-            "simplified_ademamix",
-            "adalayer_sumsq",
-            "adalayer_v",
-            "adalayer_update",
-            "adalayer_sgd",
-            "schedule_free_adam",
-            "schedule_free_sgd",
-            "lerp_toward",
-            "nonfinite",
-        ];
-        for name in names {
+        for name in crate::kernels::KERNEL_NAMES {
             for suffix in ["f32", "f64"] {
                 let entry = format!(".entry {name}_{suffix}(");
                 assert!(FUSED_PTX.contains(&entry), "missing {entry}");
             }
-            assert!(
-                src.contains(&format!("({name},")),
-                "no entry point for {name}"
-            );
         }
-        assert_eq!(std::mem::size_of::<Args<f32>>(), 80 + 16 * 4);
-        assert_eq!(std::mem::size_of::<Args<f64>>(), 80 + 16 * 8);
     }
 }

@@ -234,7 +234,16 @@ pub fn zip_mut_or_kernel<T: Float>(
     if outs.first().is_some_and(|t| t.device().is_cuda()) {
         return crate::cuda::launch_elementwise::<T>(kernel.name, outs, ins, kernel.scalars);
     }
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(optlab_emulate_kernels)]
+    if crate::kernels::emulate::active() {
+        return crate::kernels::emulate::launch_elementwise::<T>(
+            kernel.name,
+            outs,
+            ins,
+            kernel.scalars,
+        );
+    }
+    #[cfg(not(any(feature = "cuda", optlab_emulate_kernels)))]
     let _ = kernel;
     zip_mut(outs, ins, body)
 }
@@ -273,6 +282,12 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     if t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F64) {
         let t = t.contiguous()?;
         return crate::with_float!(t.dtype(), "all_finite", T => crate::cuda::all_finite::<T>(&t));
+    }
+    #[cfg(optlab_emulate_kernels)]
+    if crate::kernels::emulate::active() && t.device().is_cpu() {
+        let t = t.contiguous()?;
+        return crate::with_float!(t.dtype(), "all_finite", T =>
+            crate::kernels::emulate::all_finite::<T>(&t));
     }
     if !t.device().is_cpu() {
         // x − x is 0 for finite x and NaN for ±inf and NaN, so the sum is 0 exactly when every
