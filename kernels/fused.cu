@@ -303,6 +303,63 @@ __device__ void lerp_toward(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Muon (src/optim/muon.rs, Muon::matrix_typed): the momentum before Newton–Schulz and the
+// parameter update after it (the orthogonalization itself is matrix products).
+// out: m, u; in: g. s: w_in (1 − μ), w_out (μ), nesterov (≠ 0: u = lerp(g, m, μ), else u = m)
+template <typename T>
+__device__ void muon_momentum(const Args<T>& a) {
+    T* m = a.out[0];
+    T* u = a.out[1];
+    const T* g = a.in[0];
+    const T w_in = a.s[0], w_out = a.s[1];
+    const bool nesterov = a.s[2] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T mk = lerp(m[k], gk, w_in);
+        m[k] = mk;
+        u[k] = nesterov ? lerp(gk, mk, w_out) : mk;
+    }
+}
+
+// out: p; in: o (the orthogonalized update). s: decay, neg_lr, scale
+template <typename T>
+__device__ void muon_apply(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* o = a.in[0];
+    const T decay = a.s[0], neg_lr = a.s[1], scale = a.s[2];
+    GRID_STRIDE(k, a.n) { p[k] = p[k] * decay + neg_lr * (o[k] * scale); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kronecker-factor statistics (src/optim/kron.rs, ema_update): F ← EMA(F, S) in place.
+// out: F; in: S. s: x, y, form with
+//   form 0: F + x·(S − F)          (lerp, weight x < 0.5)
+//   form 1: S − (S − F)·x          (lerp, x = 1 − weight)
+//   form 2: F + x·S                (scale-add with decay 1)
+//   form 3: y·F + x·S              (scale-add, decay y)
+template <typename T>
+__device__ void factor_ema(const Args<T>& a) {
+    T* f = a.out[0];
+    const T* s = a.in[0];
+    const T x = a.s[0], y = a.s[1];
+    const int form = (int)a.s[2];
+    GRID_STRIDE(k, a.n) {
+        const T fk = f[k], sk = s[k];
+        T r;
+        if (form == 0) {
+            r = fk + x * (sk - fk);
+        } else if (form == 1) {
+            r = sk - (sk - fk) * x;
+        } else if (form == 2) {
+            r = fk + x * sk;
+        } else {
+            r = y * fk + x * sk;
+        }
+        f[k] = r;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
 template <typename T>
@@ -340,3 +397,6 @@ ENTRY(schedule_free_adam, schedule_free_adam)
 ENTRY(schedule_free_sgd, schedule_free_sgd)
 ENTRY(lerp_toward, lerp_toward)
 ENTRY(nonfinite, nonfinite)
+ENTRY(muon_momentum, muon_momentum)
+ENTRY(muon_apply, muon_apply)
+ENTRY(factor_ema, factor_ema)

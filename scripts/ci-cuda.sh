@@ -2,7 +2,8 @@
 # CI for the `cuda` feature on a machine without a GPU: sets up nvcc 13.0 from PyPI and stub CUDA
 # libraries (scripts/cuda-env.sh), lints the CUDA code, builds and links every test binary with
 # `--features cuda`, and runs the suite against the stubs: the GPU tests print
-# "SKIP: no CUDA device" and pass, everything else runs as in the CPU build.
+# "SKIP: no CUDA device" and pass, everything else runs as in the CPU build. Last, the kernels
+# run in host emulation against their CPU twins (tests/kernel_emulation.rs).
 #
 #   scripts/ci-cuda.sh              # all steps
 #   OPTLAB_CUDA_CLIPPY=0 scripts/ci-cuda.sh   # skip clippy (it builds candle's CUDA kernels a
@@ -32,4 +33,9 @@ if [ "${OPTLAB_CUDA_CLIPPY:-1}" != 0 ]; then
 fi
 step "build and link tests (--features cuda)" cargo test --features cuda --no-run
 step "run tests against the stubs (GPU tests skip)" cargo test --features cuda
+# The kernels compiled as host C++ and run block by block, thread by thread, against their
+# CPU twins (bit for bit): the only execution of the kernel code without a GPU. Needs only a
+# C++17 compiler, not the cuda feature.
+OPTLAB_EMULATE_KERNELS=1 step "kernels emulated on the host vs their CPU twins" \
+  cargo test --test kernel_emulation
 echo "== ci-cuda: done in $(($(date +%s) - t0)) s"

@@ -161,6 +161,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "schedule_free_sgd",
     "lerp_toward",
     "nonfinite",
+    "muon_momentum",
+    "muon_apply",
+    "factor_ema",
 ];
 
 #[cfg(optlab_emulate_kernels)]

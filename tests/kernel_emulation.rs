@@ -123,6 +123,36 @@ fn every_kernel_matches_its_twin() {
 }
 
 #[test]
+fn factor_ema_matches_its_twin() {
+    use optlab::optim::kron::{ema_update, FactorEma};
+    let forms = [
+        FactorEma::Lerp { weight: 0.05 },
+        FactorEma::Lerp { weight: 0.95 },
+        FactorEma::ScaleAdd {
+            decay: 1.0,
+            weight: 0.3,
+        },
+        FactorEma::ScaleAdd {
+            decay: 0.9,
+            weight: 0.1,
+        },
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for ema in forms {
+            let s = common::tensor(5, &[37, 37], dtype);
+            let twin = common::tensor(6, &[37, 37], dtype);
+            let kernel = twin.copy().unwrap();
+            ema_update(&twin, &s, ema).unwrap();
+            with_emulation(|| ema_update(&kernel, &s, ema)).unwrap();
+            let bits = |t: &Tensor| -> Vec<u64> {
+                common::values_of(t).iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&twin), bits(&kernel), "{ema:?} {dtype:?}");
+        }
+    }
+}
+
+#[test]
 fn adamw_over_more_than_one_grid() {
     // 2^24 + 3 elements: the grid is capped at 2^16 blocks of 256 threads, so the grid-stride
     // loop must cover the rest.

@@ -109,6 +109,69 @@ pub fn adalayer<T: Float>(
     })
 }
 
+/// `F ← β·F + α·U Uᵀ` in one cuBLAS gemm (the Kronecker-factor statistics update without
+/// forming `U Uᵀ`): `u` is a contiguous row-major `d×m` matrix, `factor` a contiguous `d×d`
+/// matrix, both of dtype `T` on one CUDA device. The result equals `ema_update(factor,
+/// u·uᵀ, ..)` up to rounding (another summation order, and no separate rounding of `U Uᵀ`).
+pub fn gram_ema<T: Float>(factor: &Tensor, u: &Tensor, alpha: f64, beta: f64) -> Result<()> {
+    use cudarc::cublas::sys::{cublasDgemm_v2, cublasOperation_t, cublasSgemm_v2};
+    let (d, m) = u.dims2()?;
+    if factor.dims() != [d, d] {
+        return Err(Error::Msg(format!(
+            "gram_ema: factor {:?} for a {d}×{m} unfolding",
+            factor.dims()
+        )));
+    }
+    let too_big = |_| Error::Msg(format!("gram_ema: {d}×{m} exceeds cuBLAS's 32-bit sizes"));
+    let (di, mi) = (
+        i32::try_from(d).map_err(too_big)?,
+        i32::try_from(m.max(1)).map_err(too_big)?,
+    );
+    if d == 0 {
+        return Ok(());
+    }
+    with_device_ptrs::<T>(&[factor], &[u], |dev, o, i| {
+        let blas = dev.cublas_handle();
+        let handle = *blas.handle();
+        let (op_t, op_n) = (
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+        );
+        // Row-major U (d×m) is column-major Uᶜ (m×d, leading dimension m), so U Uᵀ = Uᶜᵀ Uᶜ:
+        // gemm(T, N) with k = m. C is F read and written in place as column-major d×d: each
+        // memory location is updated from its own old value, so F's layout does not matter
+        // (the new term lands transposed, and U Uᵀ is symmetric).
+        // SAFETY: A = B = U holds m·d elements (lda = ldb = m), C = F holds d·d (ldc = d),
+        // both checked by `with_device_ptrs` against their tensors; alpha/beta are host
+        // scalars (cuBLAS's default pointer mode) living across the call; the handle is bound
+        // to the device's stream.
+        let status = unsafe {
+            match T::DTYPE {
+                candle_core::DType::F32 => {
+                    let (a, b) = (alpha as f32, beta as f32);
+                    let (u, f) = (i[0] as *const f32, o[0] as *mut f32);
+                    cublasSgemm_v2(handle, op_t, op_n, di, di, mi, &a, u, mi, u, mi, &b, f, di)
+                }
+                candle_core::DType::F64 => {
+                    let (u, f) = (i[0] as *const f64, o[0] as *mut f64);
+                    cublasDgemm_v2(
+                        handle, op_t, op_n, di, di, mi, &alpha, u, mi, u, mi, &beta, f, di,
+                    )
+                }
+                other => {
+                    return Err(Error::DType {
+                        what: "gram_ema".into(),
+                        dtype: other,
+                    })
+                }
+            }
+        };
+        status
+            .result()
+            .map_err(|e| Error::Msg(format!("cuBLAS gemm in gram_ema: {e:?}")))
+    })
+}
+
 /// Whether every element of `t` (contiguous, dtype `T`, on a CUDA device) is finite: one
 /// reading pass on the device and one 8-byte copy back.
 pub fn all_finite<T: Float>(t: &Tensor) -> Result<bool> {

@@ -192,6 +192,10 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
         ),
         ("schedulefree_adamw", "lr = 0.02", 2),
         ("schedulefree_sgd", "lr = 0.012\nweight_decay = 0.05", 3),
+        // Muon: momentum and update kernels around Newton–Schulz (matrix products); the other
+        // roles take the AdamW kernel.
+        ("muon", "lr = 0.02\nweight_decay = 0.1", 2),
+        ("muon", "nesterov = false\nns_steps = 3", 2),
     ];
     cases
         .iter()
