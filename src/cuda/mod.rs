@@ -131,6 +131,8 @@ pub fn gram_ema<T: Float>(factor: &Tensor, u: &Tensor, alpha: f64, beta: f64) ->
         return Ok(());
     }
     with_device_ptrs::<T>(&[factor], &[u], |dev, o, i| {
+        // cuBLAS runs in the calling thread's current context: make it the device's.
+        dev.cuda_stream().context().bind_to_thread().w()?;
         let blas = dev.cublas_handle();
         let handle = *blas.handle();
         let (op_t, op_n) = (
