@@ -6,9 +6,12 @@
 
 pub mod analysis;
 pub mod conformance;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod linalg;
 pub mod models;
 pub mod optim;

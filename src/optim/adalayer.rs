@@ -64,7 +64,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -441,21 +441,35 @@ impl Plan {
         let neg_step = T::of(-self.step_size);
         let bc2_sqrt = T::of(self.bc2_sqrt);
         let eps = T::of(self.eps);
-        let mut outs: Vec<&Tensor> = vec![param.as_tensor(), m];
-        if let Some(v) = v {
-            outs.push(v);
-        }
-        zip_mut::<T>(&outs, &[grad], |o, i| {
-            let g = i[0];
-            let (p, rest) = o.split_first_mut().expect("param");
-            let (m, rest) = rest.split_first_mut().expect("m");
-            let Some(v) = rest.first_mut() else {
-                // Denominator exactly 1: SGD with bias-corrected EMA momentum.
+        let Some(v) = v else {
+            // Denominator exactly 1: SGD with bias-corrected EMA momentum.
+            let scalars = [w1, decay, neg_step];
+            let kernel = Kernel::new("adalayer_sgd", &scalars);
+            return zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
+                let [p, m] = o else {
+                    unreachable!("two outputs")
+                };
                 for k in 0..p.len() {
-                    m[k] = lerp(m[k], g[k], w1);
+                    m[k] = lerp(m[k], i[0][k], w1);
                     p[k] = p[k] * decay + neg_step * m[k];
                 }
-                return Ok(());
+                Ok(())
+            });
+        };
+        #[cfg(feature = "cuda")]
+        if param.device().is_cuda() {
+            let s = [w1, decay, neg_step, bc2_sqrt, eps];
+            return crate::cuda::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
+        }
+        #[cfg(optlab_emulate_kernels)]
+        if crate::kernels::emulate::active() {
+            let s = [w1, decay, neg_step, bc2_sqrt, eps];
+            return crate::kernels::emulate::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
+        }
+        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], |o, i| {
+            let g = i[0];
+            let [p, m, v] = o else {
+                unreachable!("three outputs")
             };
             let (n, nb) = (p.len(), v.len());
             if n == 0 || nb == 0 {

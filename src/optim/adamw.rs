@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -139,7 +139,13 @@ impl AdamStep {
         if let Some(vm) = vmax {
             outs.push(vm);
         }
-        zip_mut::<T>(&outs, &[grad], |o, i| {
+        let name = if vmax.is_some() {
+            "adamw_amsgrad"
+        } else {
+            "adamw"
+        };
+        let scalars = [decay, b1, c1, b2, c2, step_size, bc2_sqrt, eps, sign];
+        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
             let g = i[0];
             let (p, rest) = o.split_first_mut().expect("param");
             let (m, rest) = rest.split_first_mut().expect("m");

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -146,7 +146,15 @@ impl AdEMAMix {
         if let Some(m1) = m1 {
             outs.push(m1);
         }
-        zip_mut::<T>(&outs, &[grad], |o, i| {
+        let name = if m1.is_some() {
+            "ademamix"
+        } else {
+            "ademamix_no_m1"
+        };
+        let scalars = [
+            b1, c1, b2, c2, b3, c3, alpha, bc1, bc2_sqrt, eps, wd, neg_lr,
+        ];
+        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
             let g = i[0];
             let (p, rest) = o.split_first_mut().expect("param");
             let (m2, rest) = rest.split_first_mut().expect("m2");

@@ -5,7 +5,9 @@
 //! operand once and writes the mutated buffers in place. [`zip_mut`] hands the loop body
 //! mutable slices of the `outs` tensors (parameters, moments) and shared slices of the `ins`
 //! (gradients), taking each tensor's storage lock through candle's in-place op interface, so no
-//! copy is made. This plain-Rust loop is the CPU twin of the fused CUDA kernels.
+//! copy is made. This plain-Rust loop is the CPU twin of the fused CUDA kernels: with the
+//! `cuda` feature, [`zip_mut_or_kernel`] runs the named kernel of `kernels/fused.cu` instead when
+//! the tensors live on a CUDA device (see [`crate::cuda`]).
 
 use std::cell::RefCell;
 
@@ -13,8 +15,19 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, WithDT
 
 use crate::error::{Error, Result};
 
+/// What a float type needs to live on a CUDA device (nothing without the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub trait DeviceFloat: candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr {}
+/// What a float type needs to live on a CUDA device (nothing without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceFloat {}
+impl DeviceFloat for f32 {}
+impl DeviceFloat for f64 {}
+
 /// Float element types optimizers run in (f32 and f64).
-pub trait Float: WithDType + num_traits::Float + Send + Sync + std::fmt::Debug {
+pub trait Float:
+    WithDType + num_traits::Float + DeviceFloat + Send + Sync + std::fmt::Debug
+{
     /// Converts an f64 hyperparameter to this type (rounding for f32).
     fn of(x: f64) -> Self {
         <Self as WithDType>::from_f64(x)
@@ -189,6 +202,52 @@ pub fn zip_mut<T: Float>(
     run_nested::<T>(outs, ins, &mut ptrs, &mut body)
 }
 
+/// A kernel of `kernels/fused.cu` and its scalar arguments: the GPU twin of a [`zip_mut`] body.
+///
+/// `name` is the kernel's name without its `_f32`/`_f64` suffix; `scalars` are its `s[..]`
+/// arguments in the order the kernel documents. The kernel receives the `outs` and `ins` of the
+/// call in the same order as the body does.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel<'a, T> {
+    /// Kernel name, without the dtype suffix.
+    pub name: &'static str,
+    /// Scalar arguments (at most 16).
+    pub scalars: &'a [T],
+}
+
+impl<'a, T> Kernel<'a, T> {
+    /// The kernel `name` with `scalars`.
+    pub fn new(name: &'static str, scalars: &'a [T]) -> Self {
+        Self { name, scalars }
+    }
+}
+
+/// [`zip_mut`] on the CPU; on a CUDA device (feature `cuda`) one launch of `kernel` over the
+/// same operands, which must then all have the same number of elements.
+pub fn zip_mut_or_kernel<T: Float>(
+    kernel: Kernel<'_, T>,
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+    body: impl FnMut(&mut [&mut [T]], &[&[T]]) -> Result<()>,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if outs.first().is_some_and(|t| t.device().is_cuda()) {
+        return crate::cuda::launch_elementwise::<T>(kernel.name, outs, ins, kernel.scalars);
+    }
+    #[cfg(optlab_emulate_kernels)]
+    if crate::kernels::emulate::active() {
+        return crate::kernels::emulate::launch_elementwise::<T>(
+            kernel.name,
+            outs,
+            ins,
+            kernel.scalars,
+        );
+    }
+    #[cfg(not(any(feature = "cuda", optlab_emulate_kernels)))]
+    let _ = kernel;
+    zip_mut(outs, ins, body)
+}
+
 /// A gradient as a contiguous tensor of the parameter's dtype (a no-op when it already is).
 pub fn prepare_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
     let g = if g.dtype() == dtype {
@@ -199,8 +258,13 @@ pub fn prepare_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(g.contiguous()?)
 }
 
-/// Sum of squares of a tensor, computed in f64 in one pass.
+/// Sum of squares of a tensor, computed in f64 in one pass (on other devices than the CPU: in
+/// f64 with candle's reduction, whose summation order differs).
 pub fn sum_sq(t: &Tensor) -> Result<f64> {
+    if !t.device().is_cpu() {
+        let t = t.to_dtype(DType::F64)?;
+        return Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?);
+    }
     let t = t.contiguous()?;
     let mut acc = 0.0;
     crate::with_float!(t.dtype(), "sum_sq", T => {
@@ -214,6 +278,27 @@ pub fn sum_sq(t: &Tensor) -> Result<f64> {
 
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::F64) {
+        let t = t.contiguous()?;
+        return crate::with_float!(t.dtype(), "all_finite", T => crate::cuda::all_finite::<T>(&t));
+    }
+    #[cfg(optlab_emulate_kernels)]
+    if crate::kernels::emulate::active() && t.device().is_cpu() {
+        let t = t.contiguous()?;
+        return crate::with_float!(t.dtype(), "all_finite", T =>
+            crate::kernels::emulate::all_finite::<T>(&t));
+    }
+    if !t.device().is_cpu() {
+        // x − x is 0 for finite x and NaN for ±inf and NaN, so the sum is 0 exactly when every
+        // element is finite (one reduction on the device, one scalar copied back).
+        let s = t
+            .sub(t)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        return Ok(s == 0.0);
+    }
     let t = t.contiguous()?;
     let mut ok = true;
     crate::with_float!(t.dtype(), "all_finite", T => {

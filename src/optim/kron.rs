@@ -24,7 +24,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::linalg::{self, Order, Robust};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::state::State;
 use crate::with_float;
 
@@ -280,7 +280,15 @@ pub fn ema_update(factor: &Tensor, stat: &Tensor, ema: FactorEma) -> Result<()> 
         stat.to_dtype(factor.dtype())?.contiguous()?
     };
     with_float!(factor.dtype(), "factor update", T => {
-        zip_mut::<T>(&[factor], &[&stat], |o, i| {
+        // The kernel's (x, y, form), chosen exactly as the branches below choose.
+        let scalars: [T; 3] = match ema {
+            FactorEma::Lerp { weight } if weight < 0.5 => [T::of(weight), T::of(0.0), T::of(0.0)],
+            FactorEma::Lerp { weight } => [T::of(1.0 - weight), T::of(0.0), T::of(1.0)],
+            FactorEma::ScaleAdd { decay: 1.0, weight } => [T::of(weight), T::of(1.0), T::of(2.0)],
+            FactorEma::ScaleAdd { decay, weight } => [T::of(weight), T::of(decay), T::of(3.0)],
+        };
+        let kernel = Kernel::new("factor_ema", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[factor], &[&stat], |o, i| {
             let (f, s) = (&mut *o[0], i[0]);
             match ema {
                 FactorEma::Lerp { weight } => {
@@ -349,13 +357,43 @@ pub fn accumulate_factors(
         g_view.to_dtype(dtype)?
     };
     for (k, d) in layout.factor_dims() {
-        let gram = mode_gram(&g, k)?;
         let f = state
             .tensor_or_zeros_shaped(&field(prefix, k), &[d, d], dtype, g.device())?
             .clone();
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            // One cuBLAS gemm with β instead of a Gram matrix and an EMA pass.
+            let (alpha, beta) = match ema {
+                FactorEma::Lerp { weight } => (weight, 1.0 - weight),
+                FactorEma::ScaleAdd { decay, weight } => (weight, decay),
+            };
+            let u = mode_unfold(&g, k)?;
+            with_float!(dtype, "factor update", T =>
+                crate::cuda::gram_ema::<T>(&f, &u, alpha, beta)?);
+            continue;
+        }
+        let gram = mode_gram(&g, k)?;
         ema_update(&f, &gram, ema)?;
     }
     Ok(())
+}
+
+/// The mode-k unfolding `G_(k)` (`d_k × rest`, contiguous): `mode_gram(x, k) = G_(k) G_(k)ᵀ`.
+pub fn mode_unfold(x: &Tensor, k: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    if k >= dims.len() {
+        return Err(Error::Msg(format!(
+            "mode_unfold: mode {k} of a tensor of shape {dims:?}"
+        )));
+    }
+    let a: usize = dims[..k].iter().product();
+    let d = dims[k];
+    let b: usize = dims[k + 1..].iter().product();
+    Ok(x.contiguous()?
+        .reshape((a, d, b))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((d, a * b))?)
 }
 
 /// When amortized work (eigenbasis or inverse-root refresh) is due.
@@ -732,6 +770,21 @@ mod tests {
         assert!(close(&flat(&p), &flat(&want), 1e-12));
         let back = mode_products(&p, &qs, false).unwrap();
         assert!(close(&flat(&back), &flat(&x), 1e-12));
+    }
+
+    #[test]
+    fn mode_unfold_gram_is_mode_gram() {
+        for dims in [vec![2usize, 3, 4], vec![5], vec![3, 1, 2], vec![4, 6]] {
+            let n = dims.iter().product();
+            let x = t(&seq(n), &dims);
+            for (k, &dk) in dims.iter().enumerate() {
+                let u = mode_unfold(&x, k).unwrap();
+                assert_eq!(u.dims(), &[dk, n / dk]);
+                let via_unfold = flat(&u.matmul(&u.t().unwrap()).unwrap());
+                assert!(close(&via_unfold, &flat(&mode_gram(&x, k).unwrap()), 1e-9));
+            }
+        }
+        assert!(mode_unfold(&t(&[1.0], &[1]), 1).is_err());
     }
 
     #[test]

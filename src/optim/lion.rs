@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -123,7 +123,9 @@ impl SignMomentumStep {
         let lr = T::of(self.lr);
         let (b1, c1) = (T::of(self.beta1), T::of(1.0 - self.beta1));
         let (b2, c2) = (T::of(self.beta2), T::of(1.0 - self.beta2));
-        zip_mut::<T>(&[param.as_tensor(), m], &[grad], |o, i| {
+        let scalars = [decay, lr, b1, c1, b2, c2];
+        let kernel = Kernel::new("sign_momentum", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
             let g = i[0];
             let [p, m] = o else {
                 unreachable!("two outputs")

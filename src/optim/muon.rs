@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm, MUON_NS_EPS};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -152,7 +152,9 @@ impl Muon {
         let u = grad.zeros_like()?;
         let (w_in, w_out) = (T::of(1.0 - mu), T::of(mu));
         let nesterov = self.0.nesterov;
-        zip_mut::<T>(&[m, &u], &[grad], |o, i| {
+        let scalars = [w_in, w_out, if nesterov { T::one() } else { T::zero() }];
+        let kernel = Kernel::new("muon_momentum", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[m, &u], &[grad], |o, i| {
             let [m, u] = o else { unreachable!() };
             for (k, &g) in i[0].iter().enumerate() {
                 m[k] = lerp(m[k], g, w_in);
@@ -171,7 +173,9 @@ impl Muon {
         let scale = T::of((rows / cols).max(1.0).sqrt());
         let decay = T::of(1.0 - ctx.lr * ctx.weight_decay);
         let neg_lr = T::of(-ctx.lr);
-        zip_mut::<T>(&[param.as_tensor()], &[&o], |out, i| {
+        let scalars = [decay, neg_lr, scale];
+        let kernel = Kernel::new("muon_apply", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&o], |out, i| {
             for (p, &o) in out[0].iter_mut().zip(i[0]) {
                 *p = *p * decay + neg_lr * (o * scale);
             }

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Mode, Rule, StepCtx};
 use crate::optim::state::State;
@@ -269,7 +269,8 @@ fn lerp<T: Float>(a: T, b: T, w: T) -> T {
 fn lerp_toward(param: &Tensor, z: &Tensor, w: f64) -> Result<()> {
     with_float!(param.dtype(), "schedule-free mode switch", T => {
         let w = T::of(w);
-        zip_mut::<T>(&[param], &[z], |o, i| {
+        let scalars = [w];
+        zip_mut_or_kernel::<T>(Kernel::new("lerp_toward", &scalars), &[param], &[z], |o, i| {
             for (p, &z) in o[0].iter_mut().zip(i[0]) {
                 *p = lerp(*p, z, w);
             }
@@ -296,12 +297,15 @@ impl ScheduleFree {
         let y_lr = T::of(lr * (self.beta1 * (1.0 - c) - 1.0));
         let (lr, c, wd) = (T::of(lr), T::of(c), T::of(weight_decay));
         let decay = weight_decay != 0.0;
+        let decay_flag = if decay { T::one() } else { T::zero() };
         match self.base {
             Base::Adam { beta2, eps } => {
                 let v = state.tensor("exp_avg_sq")?;
                 let bias_correction2 = T::of(1.0 - beta2.powf(k));
                 let (b2, c2, eps) = (T::of(beta2), T::of(1.0 - beta2), T::of(eps));
-                zip_mut::<T>(&[param.as_tensor(), z, v], &[grad], |o, i| {
+                let scalars = [b2, c2, bias_correction2, eps, c, y_lr, lr, wd, decay_flag];
+                let kernel = Kernel::new("schedule_free_adam", &scalars);
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), z, v], &[grad], |o, i| {
                     let [y, z, v] = o else { unreachable!() };
                     for (j, &g) in i[0].iter().enumerate() {
                         v[j] = v[j] * b2 + c2 * g * g;
@@ -315,15 +319,20 @@ impl ScheduleFree {
                     Ok(())
                 })
             }
-            Base::Sgd => zip_mut::<T>(&[param.as_tensor(), z], &[grad], |o, i| {
-                let [y, z] = o else { unreachable!() };
-                for (j, &g) in i[0].iter().enumerate() {
-                    let d = if decay { g + wd * y[j] } else { g };
-                    y[j] = lerp(y[j], z[j], c) + y_lr * d;
-                    z[j] -= lr * d;
-                }
-                Ok(())
-            }),
+            Base::Sgd => zip_mut_or_kernel::<T>(
+                Kernel::new("schedule_free_sgd", &[c, y_lr, lr, wd, decay_flag]),
+                &[param.as_tensor(), z],
+                &[grad],
+                |o, i| {
+                    let [y, z] = o else { unreachable!() };
+                    for (j, &g) in i[0].iter().enumerate() {
+                        let d = if decay { g + wd * y[j] } else { g };
+                        y[j] = lerp(y[j], z[j], c) + y_lr * d;
+                        z[j] -= lr * d;
+                    }
+                    Ok(())
+                },
+            ),
         }
     }
 }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -156,7 +156,21 @@ impl SimplifiedAdEMAMix {
         let den_sqrt = c.den_sqrt.map(T::of);
         let wd = T::of(ctx.weight_decay);
         let neg_lr = T::of(-ctx.lr);
-        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], |o, i| {
+        // The kernel divides by num_sum and multiplies by den_sqrt unconditionally; 1 leaves the
+        // value unchanged bit for bit, as skipping the operation does here.
+        let scalars = [
+            b1,
+            b2,
+            c2,
+            alpha,
+            eps_term,
+            num_sum.unwrap_or(T::one()),
+            den_sqrt.unwrap_or(T::one()),
+            wd,
+            neg_lr,
+        ];
+        let kernel = Kernel::new("simplified_ademamix", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m, v], &[grad], |o, i| {
             let g = i[0];
             let [p, m, v] = o else {
                 unreachable!("three outputs")

@@ -932,7 +932,8 @@ mod tests {
                         .unwrap();
                     q.narrow(0, 0, 4).unwrap().to_dtype(dtype).unwrap()
                 };
-                let cases: Vec<(&str, Box<dyn Fn(u64) -> Tensor>)> = vec![
+                type GradAt<'a> = Box<dyn Fn(u64) -> Tensor + 'a>;
+                let cases: Vec<(&str, GradAt)> = vec![
                     ("zero", Box::new(zeros)),
                     ("rank-1", Box::new(rank1)),
                     ("1e-20", Box::new(scaled(1e-20))),

@@ -135,3 +135,86 @@ pub fn snapshot(opt: &dyn Optimizer) -> Vec<(String, Vec<u64>)> {
         .map(|(n, v)| (n, values_of(&v).iter().map(|x| x.to_bits()).collect()))
         .collect()
 }
+
+/// Parameters for the fused-kernel twin tests: every Adalayer block kind (embedding rows, fused
+/// QKV thirds, whole tensor over several partial-sum chunks, head rows longer than one chunk,
+/// norms), sizes that are not multiples of the block size, and a single element.
+pub const KERNEL_SHAPES: &[(&str, &[usize])] = &[
+    ("blocks.0.attn.att_proj.weight", &[21, 19]),
+    ("blocks.0.mlp.fc.bias", &[300]),
+    ("blocks.0.mlp.fc.weight", &[300, 257]),
+    ("blocks.0.norm.weight", &[19]),
+    ("lm_head.weight", &[5, 20001]),
+    ("scale", &[1]),
+    ("wte.weight", &[37, 19]),
+];
+
+const ADALAYER_ALL: &str =
+    "att_correction = true\nlastlayer_correction = true\nfirstlayer_correction = true\nupdate_norm = true";
+
+/// Optimizer configurations (TOML) and step counts that together run every fused kernel.
+pub fn kernel_cases() -> Vec<(String, u64)> {
+    let cases: &[(&str, &str, u64)] = &[
+        ("adamw", "lr = 0.02\nweight_decay = 0.1", 3),
+        ("adamw", "lr = 0.02\namsgrad = true\nmaximize = true", 3),
+        ("lion", "lr = 0.003\nweight_decay = 0.5", 3),
+        ("signum", "lr = 0.003", 3),
+        (
+            "ademamix",
+            "lr = 0.01\nalpha_warmup = 5\nbeta3_warmup = 5\nweight_decay = 0.1",
+            3,
+        ),
+        // β1 = 0: no fast EMA, the kernel without m1.
+        ("ademamix", "lr = 0.01\nbetas = [0.0, 0.999, 0.9999]", 3),
+        (
+            "simplified_ademamix",
+            "lr = 0.002\nbetas = [0.9, 0.95]\nalpha = 2.0\nbeta1_warmup = 4",
+            3,
+        ),
+        (
+            "simplified_ademamix",
+            "lr = 0.002\nbias_correction1 = true\nbias_correction2 = false\nweight_decay = 0.1",
+            3,
+        ),
+        ("adalayer", ADALAYER_ALL, 3),
+        ("adalayer", "lr = 0.02", 2),
+        // Frozen: running averages up to t_freeze, then frozen scalars.
+        ("adalayer", "t_freeze = 2", 4),
+        (
+            "adalayer_sgd",
+            "lr = 0.01\nlastlayer_correction = true\nfirstlayer_correction = true\nupdate_norm = true",
+            3,
+        ),
+        (
+            "schedulefree_adamw",
+            "lr = 0.02\nweight_decay = 0.1\nwarmup_steps = 2",
+            4,
+        ),
+        ("schedulefree_adamw", "lr = 0.02", 2),
+        ("schedulefree_sgd", "lr = 0.012\nweight_decay = 0.05", 3),
+        // Muon: momentum and update kernels around Newton–Schulz (matrix products); the other
+        // roles take the AdamW kernel.
+        ("muon", "lr = 0.02\nweight_decay = 0.1", 2),
+        ("muon", "nesterov = false\nns_steps = 3", 2),
+    ];
+    cases
+        .iter()
+        .map(|(name, body, steps)| {
+            let mut toml = format!("name = \"{name}\"\n{body}");
+            if *name == "adalayer" && body.starts_with("t_freeze") {
+                toml.push('\n');
+                toml.push_str(ADALAYER_ALL);
+            }
+            (toml, *steps)
+        })
+        .collect()
+}
+
+/// The [`kernel_cases`] of optimizer `name`.
+pub fn kernel_cases_of(name: &str) -> Vec<(String, u64)> {
+    let prefix = format!("name = \"{name}\"\n");
+    kernel_cases()
+        .into_iter()
+        .filter(|(t, _)| t.starts_with(&prefix))
+        .collect()
+}

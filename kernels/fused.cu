@@ -1,0 +1,402 @@
+// Fused elementwise optimizer updates: the GPU twins of the plain-Rust loops in src/optim/
+// (`zip_mut` bodies). Each kernel reads every operand once and writes the parameter and its
+// moments in place.
+//
+// Calling convention (mirrored by `Args` in src/cuda/mod.rs; keep the two in sync):
+//   out[0..4]  buffers updated in place, in the order the Rust call site lists them
+//   in[0..2]   read-only buffers (the gradient first)
+//   scratch    f64 workspace (Adalayer's block sums), else null
+//   n          elements of every elementwise operand
+//   aux[0..2]  integer parameters of the kernel
+//   s[0..16]   scalar hyperparameters, in the order documented at each kernel
+// Every kernel is instantiated for float and double as NAME_f32 / NAME_f64.
+//
+// Rounding: build.rs compiles without --use_fast_math and with --fmad=false, so every
+// operation below rounds exactly like the Rust expression it copies (IEEE division and square
+// root, no fused multiply-add). Keep the operation order of the CPU twin when editing.
+
+#include <stddef.h>
+
+template <typename T>
+struct Args {
+    T* out[4];
+    const T* in[2];
+    double* scratch;
+    unsigned long long n;
+    unsigned long long aux[2];
+    T s[16];
+};
+
+#define GRID_STRIDE(i, n)                                                              \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n);   \
+         i += (size_t)blockDim.x * gridDim.x)
+
+__device__ __forceinline__ float root(float x) { return sqrtf(x); }
+__device__ __forceinline__ double root(double x) { return sqrt(x); }
+
+// torch.sign: ±0 -> 0, NaN stays NaN (src/optim/lion.rs `sign`).
+template <typename T>
+__device__ __forceinline__ T sign_of(T x) {
+    if (x > T(0)) return T(1);
+    if (x < T(0)) return T(-1);
+    return x != x ? x : T(0);
+}
+
+// torch.lerp: exact at both ends (src/optim/adalayer.rs, schedule_free.rs `lerp`).
+template <typename T>
+__device__ __forceinline__ T lerp(T a, T b, T w) {
+    T aw = w < T(0) ? -w : w;
+    if (aw < T(0.5)) return a + w * (b - a);
+    return b - (b - a) * (T(1) - w);
+}
+
+// f32::max / f64::max: a NaN operand yields the other operand (as fmax).
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW (src/optim/adamw.rs, AdamStep). out: p, m, v [, vmax]; in: g.
+// s: decay, b1, c1, b2, c2, step_size, bc2_sqrt, eps, sign
+template <typename T, bool AMSGRAD>
+__device__ void adamw(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    T* v = a.out[2];
+    T* vmax = a.out[3];
+    const T* g = a.in[0];
+    const T decay = a.s[0], b1 = a.s[1], c1 = a.s[2], b2 = a.s[3], c2 = a.s[4];
+    const T step_size = a.s[5], bc2_sqrt = a.s[6], eps = a.s[7], sign = a.s[8];
+    GRID_STRIDE(k, a.n) {
+        const T gk = sign * g[k];
+        const T mk = b1 * m[k] + c1 * gk;
+        const T vk = b2 * v[k] + c2 * gk * gk;
+        m[k] = mk;
+        v[k] = vk;
+        T denom;
+        if (AMSGRAD) {
+            const T vm = max_of(vmax[k], vk);
+            vmax[k] = vm;
+            denom = root(vm) / bc2_sqrt + eps;
+        } else {
+            denom = root(vk) / bc2_sqrt + eps;
+        }
+        p[k] = p[k] * decay - step_size * mk / denom;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lion / Signum (src/optim/lion.rs, SignMomentumStep). out: p, m; in: g.
+// s: decay, lr, b1, c1, b2, c2
+template <typename T>
+__device__ void sign_momentum(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    const T* g = a.in[0];
+    const T decay = a.s[0], lr = a.s[1], b1 = a.s[2], c1 = a.s[3], b2 = a.s[4], c2 = a.s[5];
+    GRID_STRIDE(k, a.n) {
+        const T mk = m[k];
+        const T gk = g[k];
+        const T c = mk * b1 + gk * c1;
+        p[k] = p[k] * decay - lr * sign_of(c);
+        m[k] = mk * b2 + gk * c2;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdEMAMix (src/optim/ademamix.rs). out: p, m2, v [, m1]; in: g. Without m1 (β1 = 0) the fast
+// term is g itself.
+// s: b1, c1, b2, c2, b3, c3, alpha, bc1, bc2_sqrt, eps, wd, neg_lr
+template <typename T, bool FAST_EMA>
+__device__ void ademamix(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m2 = a.out[1];
+    T* v = a.out[2];
+    T* m1 = a.out[3];
+    const T* g = a.in[0];
+    const T b1 = a.s[0], c1 = a.s[1], b2 = a.s[2], c2 = a.s[3], b3 = a.s[4], c3 = a.s[5];
+    const T alpha = a.s[6], bc1 = a.s[7], bc2_sqrt = a.s[8], eps = a.s[9], wd = a.s[10];
+    const T neg_lr = a.s[11];
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        T fast = gk;
+        if (FAST_EMA) {
+            fast = m1[k] * b1 + c1 * gk;
+            m1[k] = fast;
+        }
+        const T m2k = m2[k] * b3 + c3 * gk;
+        const T vk = v[k] * b2 + c2 * gk * gk;
+        m2[k] = m2k;
+        v[k] = vk;
+        const T denom = root(vk) / bc2_sqrt + eps;
+        const T pk = p[k];
+        const T update = (fast / bc1 + alpha * m2k) / denom + wd * pk;
+        p[k] = pk + neg_lr * update;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simplified-AdEMAMix (src/optim/simplified_ademamix.rs). out: p, m, v; in: g.
+// s: b1, b2, c2, alpha, eps_term, num_sum, den_sqrt, wd, neg_lr
+// num_sum / den_sqrt are 1 when the corresponding bias correction is off: x / 1 and x * 1 are
+// exact, so this rounds like the CPU twin that skips them.
+template <typename T>
+__device__ void simplified_ademamix(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    T* v = a.out[2];
+    const T* g = a.in[0];
+    const T b1 = a.s[0], b2 = a.s[1], c2 = a.s[2], alpha = a.s[3], eps_term = a.s[4];
+    const T num_sum = a.s[5], den_sqrt = a.s[6], wd = a.s[7], neg_lr = a.s[8];
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T mk = m[k] * b1 + gk;
+        const T vk = v[k] * b2 + c2 * gk * gk;
+        m[k] = mk;
+        v[k] = vk;
+        const T denom = root(vk) + eps_term;
+        T u = (alpha * gk + mk) / denom;
+        u = u / num_sum;
+        u = u * den_sqrt;
+        const T pk = p[k];
+        u = u + wd * pk;
+        p[k] = pk + neg_lr * u;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adalayer (src/optim/adalayer.rs, Plan::apply). A parameter of n elements is split into nb
+// consecutive blocks of len = n / nb elements, one second-moment scalar per block.
+
+#define SUMSQ_THREADS 256
+
+// Pass 1: partial sums of g² in f64. Launched with nb * chunks blocks of SUMSQ_THREADS threads;
+// block (b, c) sums chunk c of block b into scratch[b * chunks + c].
+// in: g; aux: len, chunk_len.
+template <typename T>
+__device__ void adalayer_sumsq(const Args<T>& a) {
+    __shared__ double acc[SUMSQ_THREADS];
+    const unsigned long long len = a.aux[0], chunk_len = a.aux[1];
+    const unsigned long long chunks = (len + chunk_len - 1) / chunk_len;
+    const unsigned long long b = blockIdx.x / chunks, c = blockIdx.x % chunks;
+    const unsigned long long lo = b * len + c * chunk_len;
+    unsigned long long hi = lo + chunk_len;
+    if (hi > (b + 1) * len) hi = (b + 1) * len;
+    double s = 0.0;
+    for (unsigned long long k = lo + threadIdx.x; k < hi; k += blockDim.x) {
+        const double x = (double)a.in[0][k];
+        s += x * x;
+    }
+    acc[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) a.scratch[blockIdx.x] = acc[0];
+}
+
+// Pass 2: one block of SUMSQ_THREADS threads per Adalayer block b: v[b] ← lerp(v[b], Σg²/len,
+// w2), the sum taken over the partials of pass 1 in a fixed order (deterministic).
+// out: v (nb scalars); aux: len, chunks; s: w2.
+template <typename T>
+__device__ void adalayer_v(const Args<T>& a) {
+    __shared__ double acc[SUMSQ_THREADS];
+    const unsigned long long len = a.aux[0], chunks = a.aux[1];
+    const unsigned long long b = blockIdx.x;
+    double s = 0.0;
+    for (unsigned long long c = threadIdx.x; c < chunks; c += blockDim.x) {
+        s += a.scratch[b * chunks + c];
+    }
+    acc[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        T* v = a.out[0];
+        v[b] = lerp(v[b], (T)(acc[0] / (double)len), a.s[0]);
+    }
+}
+
+// Pass 3: the scaled update. out: p, m, v; in: g; n = nb * len; aux: len.
+// s: w1, decay, neg_step, bc2_sqrt, eps
+template <typename T>
+__device__ void adalayer_update(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    const T* v = a.out[2];
+    const T* g = a.in[0];
+    const unsigned long long len = a.aux[0];
+    const T w1 = a.s[0], decay = a.s[1], neg_step = a.s[2], bc2_sqrt = a.s[3], eps = a.s[4];
+    GRID_STRIDE(k, a.n) {
+        const T denom = root(v[k / len]) / bc2_sqrt + eps;
+        const T mk = lerp(m[k], g[k], w1);
+        m[k] = mk;
+        p[k] = p[k] * decay + neg_step * (mk / denom);
+    }
+}
+
+// SGD + Adalayer's non-adaptive parameters (denominator exactly 1). out: p, m; in: g.
+// s: w1, decay, neg_step
+template <typename T>
+__device__ void adalayer_sgd(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    const T* g = a.in[0];
+    const T w1 = a.s[0], decay = a.s[1], neg_step = a.s[2];
+    GRID_STRIDE(k, a.n) {
+        const T mk = lerp(m[k], g[k], w1);
+        m[k] = mk;
+        p[k] = p[k] * decay + neg_step * mk;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schedule-Free (src/optim/schedule_free.rs). The parameter holds y.
+// AdamW base: out: y, z, v; in: g. s: b2, c2, bias_correction2, eps, c, y_lr, lr, wd, decay
+// (decay ≠ 0: add wd·y, as the CPU twin's `if decay`).
+template <typename T>
+__device__ void schedule_free_adam(const Args<T>& a) {
+    T* y = a.out[0];
+    T* z = a.out[1];
+    T* v = a.out[2];
+    const T* g = a.in[0];
+    const T b2 = a.s[0], c2 = a.s[1], bc2 = a.s[2], eps = a.s[3], c = a.s[4], y_lr = a.s[5];
+    const T lr = a.s[6], wd = a.s[7];
+    const bool decay = a.s[8] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T vk = v[k] * b2 + c2 * gk * gk;
+        v[k] = vk;
+        T d = gk / (root(vk / bc2) + eps);
+        const T yk = y[k], zk = z[k];
+        if (decay) d = d + wd * yk;
+        y[k] = lerp(yk, zk, c) + y_lr * d;
+        z[k] = zk - lr * d;
+    }
+}
+
+// SGD base: out: y, z; in: g. s: c, y_lr, lr, wd, decay
+template <typename T>
+__device__ void schedule_free_sgd(const Args<T>& a) {
+    T* y = a.out[0];
+    T* z = a.out[1];
+    const T* g = a.in[0];
+    const T c = a.s[0], y_lr = a.s[1], lr = a.s[2], wd = a.s[3];
+    const bool decay = a.s[4] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T yk = y[k], zk = z[k];
+        const T d = decay ? g[k] + wd * yk : g[k];
+        y[k] = lerp(yk, zk, c) + y_lr * d;
+        z[k] = zk - lr * d;
+    }
+}
+
+// Mode switch p ← lerp(p, z, w). out: p; in: z. s: w
+template <typename T>
+__device__ void lerp_toward(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* z = a.in[0];
+    const T w = a.s[0];
+    GRID_STRIDE(k, a.n) { p[k] = lerp(p[k], z[k], w); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Muon (src/optim/muon.rs, Muon::matrix_typed): the momentum before Newton–Schulz and the
+// parameter update after it (the orthogonalization itself is matrix products).
+// out: m, u; in: g. s: w_in (1 − μ), w_out (μ), nesterov (≠ 0: u = lerp(g, m, μ), else u = m)
+template <typename T>
+__device__ void muon_momentum(const Args<T>& a) {
+    T* m = a.out[0];
+    T* u = a.out[1];
+    const T* g = a.in[0];
+    const T w_in = a.s[0], w_out = a.s[1];
+    const bool nesterov = a.s[2] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T mk = lerp(m[k], gk, w_in);
+        m[k] = mk;
+        u[k] = nesterov ? lerp(gk, mk, w_out) : mk;
+    }
+}
+
+// out: p; in: o (the orthogonalized update). s: decay, neg_lr, scale
+template <typename T>
+__device__ void muon_apply(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* o = a.in[0];
+    const T decay = a.s[0], neg_lr = a.s[1], scale = a.s[2];
+    GRID_STRIDE(k, a.n) { p[k] = p[k] * decay + neg_lr * (o[k] * scale); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kronecker-factor statistics (src/optim/kron.rs, ema_update): F ← EMA(F, S) in place.
+// out: F; in: S. s: x, y, form with
+//   form 0: F + x·(S − F)          (lerp, weight x < 0.5)
+//   form 1: S − (S − F)·x          (lerp, x = 1 − weight)
+//   form 2: F + x·S                (scale-add with decay 1)
+//   form 3: y·F + x·S              (scale-add, decay y)
+template <typename T>
+__device__ void factor_ema(const Args<T>& a) {
+    T* f = a.out[0];
+    const T* s = a.in[0];
+    const T x = a.s[0], y = a.s[1];
+    const int form = (int)a.s[2];
+    GRID_STRIDE(k, a.n) {
+        const T fk = f[k], sk = s[k];
+        T r;
+        if (form == 0) {
+            r = fk + x * (sk - fk);
+        } else if (form == 1) {
+            r = sk - (sk - fk) * x;
+        } else if (form == 2) {
+            r = fk + x * sk;
+        } else {
+            r = y * fk + x * sk;
+        }
+        f[k] = r;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
+// element is ±inf or NaN (every writer stores the same value, so the race is benign).
+template <typename T>
+__device__ void nonfinite(const Args<T>& a) {
+    const T* x = a.in[0];
+    bool bad = false;
+    GRID_STRIDE(k, a.n) { bad = bad || !isfinite(x[k]); }
+    if (bad) a.scratch[0] = 1.0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. (kernels/emulate/host.cpp defines these macros itself to compile this file as
+// host code; ENTRY_SYNC marks the kernels that use __syncthreads.)
+#ifndef ENTRY
+#define ENTRY(name, body)                                                                 \
+    extern "C" __global__ void name##_f32(const Args<float> a) { body<float>(a); }        \
+    extern "C" __global__ void name##_f64(const Args<double> a) { body<double>(a); }
+#define ENTRY2(name, body, flag)                                                          \
+    extern "C" __global__ void name##_f32(const Args<float> a) { body<float, flag>(a); }  \
+    extern "C" __global__ void name##_f64(const Args<double> a) { body<double, flag>(a); }
+#define ENTRY_SYNC(name, body) ENTRY(name, body)
+#endif
+
+ENTRY2(adamw, adamw, false)
+ENTRY2(adamw_amsgrad, adamw, true)
+ENTRY(sign_momentum, sign_momentum)
+ENTRY2(ademamix, ademamix, true)
+ENTRY2(ademamix_no_m1, ademamix, false)
+ENTRY(simplified_ademamix, simplified_ademamix)
+ENTRY_SYNC(adalayer_sumsq, adalayer_sumsq)
+ENTRY_SYNC(adalayer_v, adalayer_v)
+ENTRY(adalayer_update, adalayer_update)
+ENTRY(adalayer_sgd, adalayer_sgd)
+ENTRY(schedule_free_adam, schedule_free_adam)
+ENTRY(schedule_free_sgd, schedule_free_sgd)
+ENTRY(lerp_toward, lerp_toward)
+ENTRY(nonfinite, nonfinite)
+ENTRY(muon_momentum, muon_momentum)
+ENTRY(muon_apply, muon_apply)
+ENTRY(factor_ema, factor_ema)

@@ -1,0 +1,204 @@
+//! The calling convention of the fused kernels in `kernels/fused.cu`, shared by the CUDA
+//! launcher ([`crate::cuda`], feature `cuda`) and the host emulator ([`emulate`], built when
+//! `OPTLAB_EMULATE_KERNELS=1` is set at build time).
+
+use crate::error::{Error, Result};
+use crate::optim::fused::Float;
+
+/// Threads per block of every launch (the reduction kernels assume exactly this).
+pub const THREADS: u32 = 256;
+/// Most blocks of an elementwise launch; the kernels loop over the rest (grid stride).
+pub const MAX_BLOCKS: usize = 1 << 16;
+/// Elements per partial sum in Adalayer's block statistics.
+pub const SUMSQ_CHUNK: usize = 8192;
+
+/// The single argument of every kernel, laid out as `Args<T>` in `kernels/fused.cu`: written
+/// buffers, read buffers, an f64 workspace, the element count, two integer parameters and the
+/// scalar hyperparameters (addresses are device addresses, or host addresses in the emulator).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Args<T> {
+    /// Buffers written in place, in the order of the Rust call site.
+    pub out: [u64; 4],
+    /// Buffers only read (the gradient first).
+    pub ins: [u64; 2],
+    /// f64 workspace, or 0.
+    pub scratch: u64,
+    /// Element count of every elementwise operand.
+    pub n: u64,
+    /// Integer parameters of the kernel.
+    pub aux: [u64; 2],
+    /// Scalar hyperparameters, in the order the kernel documents.
+    pub s: [T; 16],
+}
+
+impl<T: Float> Args<T> {
+    /// Arguments with `outs`, `ins`, `n` and `scalars`; scratch and aux zero.
+    pub fn new(outs: &[u64], ins: &[u64], n: usize, scalars: &[T]) -> Result<Self> {
+        let mut a = Args {
+            out: [0; 4],
+            ins: [0; 2],
+            scratch: 0,
+            n: n as u64,
+            aux: [0; 2],
+            s: [T::zero(); 16],
+        };
+        if outs.len() > a.out.len() || ins.len() > a.ins.len() || scalars.len() > a.s.len() {
+            return Err(Error::Msg(format!(
+                "fused kernel: at most 4 outputs, 2 inputs and 16 scalars (got {}, {}, {})",
+                outs.len(),
+                ins.len(),
+                scalars.len()
+            )));
+        }
+        a.out[..outs.len()].copy_from_slice(outs);
+        a.ins[..ins.len()].copy_from_slice(ins);
+        a.s[..scalars.len()].copy_from_slice(scalars);
+        Ok(a)
+    }
+}
+
+/// Blocks for a grid-stride elementwise launch over `n` elements.
+pub fn elementwise_blocks(n: usize) -> usize {
+    n.div_ceil(THREADS as usize).min(MAX_BLOCKS)
+}
+
+/// Checks that every operand of an elementwise kernel has `n` elements.
+pub fn check_sizes(name: &str, n: usize, tensors: &[&candle_core::Tensor]) -> Result<()> {
+    for t in tensors {
+        if t.elem_count() != n {
+            return Err(Error::Msg(format!(
+                "{name}: operands of {n} and {} elements; the fused kernel needs equal sizes",
+                t.elem_count()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Adalayer's launches for a parameter of `n` elements in `nb` blocks of `len = n / nb`
+/// consecutive elements: with a new block statistic, `adalayer_sumsq` (partial sums of g² over
+/// chunks of [`SUMSQ_CHUNK`], in f64) and `adalayer_v` (v ← lerp(v, Σ/len, w2), one block per
+/// Adalayer block), then the elementwise `adalayer_update`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdalayerPlan {
+    /// Adalayer blocks.
+    pub nb: usize,
+    /// Elements per block.
+    pub len: usize,
+    /// Partial sums per block.
+    pub chunks: usize,
+}
+
+impl AdalayerPlan {
+    /// The plan, or `None` when there is nothing to do (no elements or no blocks).
+    pub fn new(n: usize, nb: usize) -> Option<Self> {
+        if n == 0 || nb == 0 {
+            return None;
+        }
+        let len = n / nb;
+        Some(Self {
+            nb,
+            len,
+            chunks: len.div_ceil(SUMSQ_CHUNK),
+        })
+    }
+
+    /// f64 elements of the partial-sum workspace.
+    pub fn scratch_len(&self) -> usize {
+        self.nb * self.chunks
+    }
+
+    /// The launches in order, as (kernel, blocks, arguments), for outputs `o` = (p, m, v),
+    /// inputs `i` = (g), the workspace address `scratch`, the statistic weight `w2` (`None`: v
+    /// frozen) and `s` = (w1, decay, neg_step, bc2_sqrt, eps).
+    pub fn launches<T: Float>(
+        &self,
+        o: &[u64],
+        i: &[u64],
+        scratch: u64,
+        w2: Option<T>,
+        s: [T; 5],
+    ) -> Result<Vec<(&'static str, usize, Args<T>)>> {
+        let covered = self.nb * self.len;
+        let mut out = Vec::with_capacity(3);
+        if let Some(w2) = w2 {
+            if self.len > 0 {
+                // Block (b, c) reads g[b·len + c·chunk ..] below (b + 1)·len and writes
+                // scratch[b·chunks + c].
+                let mut a = Args::new(&[], i, covered, &[])?;
+                a.scratch = scratch;
+                a.aux = [self.len as u64, SUMSQ_CHUNK as u64];
+                out.push(("adalayer_sumsq", self.nb * self.chunks, a));
+                // Block b reads scratch[b·chunks ..(b + 1)·chunks] and writes v[b].
+                let mut a = Args::new(&o[2..3], &[], self.nb, &[w2])?;
+                a.scratch = scratch;
+                a.aux = [self.len as u64, self.chunks as u64];
+                out.push(("adalayer_v", self.nb, a));
+            }
+        }
+        // Element k < nb·len of p, m, g, and v[k / len].
+        let mut a = Args::new(o, i, covered, &s)?;
+        a.aux = [self.len.max(1) as u64, 0];
+        out.push(("adalayer_update", elementwise_blocks(covered), a));
+        Ok(out)
+    }
+}
+
+/// Every kernel of `kernels/fused.cu` the Rust side launches.
+pub const KERNEL_NAMES: &[&str] = &[
+    "adamw",
+    "adamw_amsgrad",
+    "sign_momentum",
+    "ademamix",
+    "ademamix_no_m1",
+    "simplified_ademamix",
+    "adalayer_sumsq",
+    "adalayer_v",
+    "adalayer_update",
+    "adalayer_sgd",
+    "schedule_free_adam",
+    "schedule_free_sgd",
+    "lerp_toward",
+    "nonfinite",
+    "muon_momentum",
+    "muon_apply",
+    "factor_ema",
+];
+
+#[cfg(optlab_emulate_kernels)]
+pub mod emulate;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_layout_matches_the_cuda_struct() {
+        // 4 + 2 pointers, scratch, n, 2 aux (8 bytes each), then 16 scalars, no padding.
+        assert_eq!(std::mem::size_of::<Args<f32>>(), 80 + 16 * 4);
+        assert_eq!(std::mem::size_of::<Args<f64>>(), 80 + 16 * 8);
+        assert_eq!(std::mem::offset_of!(Args<f32>, s), 80);
+    }
+
+    #[test]
+    fn every_kernel_has_an_entry_point() {
+        let src = include_str!("../kernels/fused.cu");
+        for name in KERNEL_NAMES {
+            assert!(
+                src.contains(&format!("ENTRY({name},"))
+                    || src.contains(&format!("ENTRY2({name},"))
+                    || src.contains(&format!("ENTRY_SYNC({name},")),
+                "no entry point for {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn grid_is_capped() {
+        assert_eq!(elementwise_blocks(0), 0);
+        assert_eq!(elementwise_blocks(1), 1);
+        assert_eq!(elementwise_blocks(257), 2);
+        assert_eq!(elementwise_blocks(usize::MAX / 2), MAX_BLOCKS);
+    }
+}

@@ -1,0 +1,497 @@
+//! Every fused CUDA kernel against its CPU twin (feature `cuda`).
+//!
+//! Each test runs the same optimizer steps from the same random parameters and gradients on the
+//! CPU and on the first CUDA device and compares every parameter and every state tensor:
+//! `‖gpu − cpu‖ / ‖cpu‖` and the largest elementwise difference relative to `max |cpu|` must be
+//! within 1e-5 in f32 and 1e-12 in f64. (The kernels round like their twins, so they are
+//! expected to agree bit for bit except where a reduction sums in another order; the bounds
+//! leave room for that.) The elementwise bound also catches a single element the kernel failed
+//! to write, which a norm over millions of elements would hide. Shapes include sizes that are
+//! not multiples of the block size and a tensor larger than one grid (grid-stride loop).
+//!
+//! Without a CUDA device every test prints `SKIP: no CUDA device: …` and passes.
+//! `gpu_timing_table` (ignored by default) prints the timings `scripts/gpu-check.sh` records.
+
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use optlab::optim::{Driver, Mode, NamedParams, OptimConfig, Optimizer};
+
+fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIP: no CUDA device: {e}");
+            None
+        }
+    }
+}
+
+use common::KERNEL_SHAPES as SHAPES;
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 1e-12,
+    }
+}
+
+/// Muon's Newton–Schulz runs as cuBLAS products on the GPU and candle's CPU products on the
+/// CPU: another summation order, amplified by the iteration's steep polynomial.
+fn tolerance_of(toml: &str, dtype: DType) -> f64 {
+    match (toml.starts_with("name = \"muon\""), dtype) {
+        (true, DType::F32) => 1e-4,
+        (true, _) => 1e-10,
+        (false, _) => tolerance(dtype),
+    }
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Whether `gpu` matches `cpu` within `tol` (relative norm and relative max difference).
+fn check_close(cpu: &Tensor, gpu: &Tensor, tol: f64) -> Result<(), String> {
+    if cpu.dims() != gpu.dims() {
+        return Err(format!("shapes {:?} and {:?}", cpu.dims(), gpu.dims()));
+    }
+    let (a, b) = (host(cpu), host(gpu));
+    let (mut diff2, mut norm2, mut max_diff, mut max_abs) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+        if y.is_finite() != x.is_finite() {
+            return Err(format!("element {k}: {x} on the CPU, {y} on the GPU"));
+        }
+        if !x.is_finite() {
+            continue;
+        }
+        let d = (x - y).abs();
+        diff2 += d * d;
+        norm2 += x * x;
+        max_diff = max_diff.max(d);
+        max_abs = max_abs.max(x.abs());
+    }
+    let rel = diff2.sqrt() / norm2.sqrt().max(f64::MIN_POSITIVE);
+    let rel_max = max_diff / max_abs.max(f64::MIN_POSITIVE);
+    if rel <= tol && rel_max <= tol {
+        Ok(())
+    } else {
+        Err(format!(
+            "relative error {rel:.3e}, max elementwise {rel_max:.3e} (tolerance {tol:e})"
+        ))
+    }
+}
+
+fn assert_close(what: &str, cpu: &Tensor, gpu: &Tensor, tol: f64) {
+    if let Err(e) = check_close(cpu, gpu, tol) {
+        panic!("{what}: {e}");
+    }
+}
+
+fn params_on(dev: &Device, shapes: &[(&str, &[usize])], dtype: DType) -> Vec<(String, Var)> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let t = common::tensor(7 + i as u64, shape, dtype)
+                .to_device(dev)
+                .unwrap();
+            (name.to_string(), Var::from_tensor(&t).unwrap())
+        })
+        .collect()
+}
+
+fn grads_on(
+    dev: &Device,
+    shapes: &[(&str, &[usize])],
+    dtype: DType,
+    step: u64,
+) -> BTreeMap<String, Tensor> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let g = common::tensor(10_000 * step + i as u64, shape, dtype)
+                .to_device(dev)
+                .unwrap();
+            (name.to_string(), g)
+        })
+        .collect()
+}
+
+fn compare_drivers(label: &str, cpu: &Driver, gpu: &Driver, tol: f64) {
+    for ((name, a), (_, b)) in cpu.vars().iter().zip(gpu.vars()) {
+        assert_close(&format!("{label}: param {name}"), a, &b, tol);
+        let (sa, sb) = (cpu.param_state(name), gpu.param_state(name));
+        let (Some(sa), Some(sb)) = (sa, sb) else {
+            assert_eq!(sa.is_some(), sb.is_some(), "{label}: state of {name}");
+            continue;
+        };
+        assert_eq!(
+            sa.tensors.keys().collect::<Vec<_>>(),
+            sb.tensors.keys().collect::<Vec<_>>(),
+            "{label}: state fields of {name}"
+        );
+        for (field, ta) in &sa.tensors {
+            assert!(
+                ta.device().is_cpu() && sb.tensors[field].device().is_cuda(),
+                "{label}: {name}.{field} is on the wrong device"
+            );
+            assert_close(
+                &format!("{label}: {name}.{field}"),
+                ta,
+                &sb.tensors[field],
+                tol,
+            );
+        }
+        assert_eq!(sa.scalars, sb.scalars, "{label}: scalar state of {name}");
+    }
+}
+
+/// `steps` steps of the optimizer `toml` on the CPU and on `dev`, compared after every step and
+/// after switching to eval mode and back.
+fn twin(dev: &Device, toml: &str, shapes: &[(&str, &[usize])], steps: u64) {
+    let cfg = OptimConfig::from_toml(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+    for dtype in [DType::F32, DType::F64] {
+        let label = format!("{} {dtype:?}", toml.replace('\n', " "));
+        let tol = tolerance_of(toml, dtype);
+        let cpu_vars = params_on(&Device::Cpu, shapes, dtype);
+        let gpu_vars = params_on(dev, shapes, dtype);
+        let mut cpu = Driver::new(cfg.clone(), NamedParams::new(cpu_vars).unwrap()).unwrap();
+        let mut gpu = Driver::new(cfg.clone(), NamedParams::new(gpu_vars).unwrap()).unwrap();
+        for s in 1..=steps {
+            cpu.step_named(&grads_on(&Device::Cpu, shapes, dtype, s))
+                .unwrap();
+            gpu.step_named(&grads_on(dev, shapes, dtype, s))
+                .unwrap_or_else(|e| panic!("{label}: GPU step {s}: {e}"));
+            compare_drivers(&format!("{label} step {s}"), &cpu, &gpu, tol);
+        }
+        for mode in [Mode::Eval, Mode::Train] {
+            cpu.set_mode(mode).unwrap();
+            gpu.set_mode(mode).unwrap();
+            compare_drivers(&format!("{label} {mode:?}"), &cpu, &gpu, tol);
+        }
+    }
+}
+
+/// Every [`common::kernel_cases_of`] case of `name`.
+fn twins_of(dev: &Device, name: &str) {
+    let cases = common::kernel_cases_of(name);
+    assert!(!cases.is_empty(), "no kernel cases for {name}");
+    for (toml, steps) in cases {
+        twin(dev, &toml, SHAPES, steps);
+    }
+}
+
+#[test]
+fn adamw_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "adamw");
+}
+
+#[test]
+fn adamw_covers_more_than_one_grid() {
+    let Some(dev) = cuda() else { return };
+    // 2^24 + 3 elements: more than the 2^16 blocks of 256 threads of one grid.
+    twin(
+        &dev,
+        "name = \"adamw\"\nlr = 0.02",
+        &[("w", &[(1 << 24) + 3])],
+        2,
+    );
+}
+
+#[test]
+fn lion_and_signum_match_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "lion");
+    twins_of(&dev, "signum");
+}
+
+#[test]
+fn ademamix_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "ademamix");
+}
+
+#[test]
+fn simplified_ademamix_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "simplified_ademamix");
+}
+
+#[test]
+fn adalayer_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "adalayer");
+    twins_of(&dev, "adalayer_sgd");
+}
+
+#[test]
+fn schedule_free_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "schedulefree_adamw");
+    twins_of(&dev, "schedulefree_sgd");
+}
+
+#[test]
+fn muon_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "muon");
+}
+
+/// The Kronecker-factor statistics: the EMA kernel (`ema_update`) and the one-gemm update of
+/// `accumulate_factors` (cuBLAS with β) against the CPU's Gram matrix + EMA pass.
+#[test]
+fn factor_statistics_match_cpu() {
+    use optlab::optim::kron::{accumulate_factors, ema_update, FactorEma, KronLayout};
+    use optlab::optim::State;
+    let Some(dev) = cuda() else { return };
+    let forms = [
+        FactorEma::Lerp { weight: 0.05 },
+        FactorEma::Lerp { weight: 0.95 },
+        FactorEma::ScaleAdd {
+            decay: 1.0,
+            weight: 0.3,
+        },
+        FactorEma::ScaleAdd {
+            decay: 0.9,
+            weight: 0.1,
+        },
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let tol = tolerance(dtype);
+        for ema in forms {
+            let s = common::tensor(5, &[37, 37], dtype);
+            let f_cpu = common::tensor(6, &[37, 37], dtype);
+            let f_gpu = f_cpu.to_device(&dev).unwrap();
+            ema_update(&f_cpu, &s, ema).unwrap();
+            ema_update(&f_gpu, &s.to_device(&dev).unwrap(), ema).unwrap();
+            assert_close(
+                &format!("ema_update {ema:?} {dtype:?}"),
+                &f_cpu,
+                &f_gpu,
+                tol,
+            );
+
+            // Three modes of a 3-D gradient (one of them of size 1 after a 1-sized lead) and a
+            // matrix whose second dim is not preconditioned.
+            for (shape, max_dim) in [(vec![7usize, 5, 300], 1000), (vec![64, 2000], 100)] {
+                let layout = KronLayout::unmerged(&shape, max_dim);
+                let (mut st_cpu, mut st_gpu) = (State::default(), State::default());
+                for step in 0..3u64 {
+                    let g = common::tensor(40 + step, &shape, dtype);
+                    accumulate_factors(&mut st_cpu, "GG", &layout, &g, dtype, ema).unwrap();
+                    let g = g.to_device(&dev).unwrap();
+                    accumulate_factors(&mut st_gpu, "GG", &layout, &g, dtype, ema).unwrap();
+                }
+                assert_eq!(
+                    st_cpu.tensors.keys().collect::<Vec<_>>(),
+                    st_gpu.tensors.keys().collect::<Vec<_>>()
+                );
+                for (name, t) in &st_cpu.tensors {
+                    assert_close(
+                        &format!("accumulate_factors {shape:?} {name} {ema:?} {dtype:?}"),
+                        t,
+                        &st_gpu.tensors[name],
+                        tol,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nonfinite_gradients_are_refused_on_the_device() {
+    let Some(dev) = cuda() else { return };
+    let shapes: &[(&str, &[usize])] = &[("w", &[1000])];
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for dtype in [DType::F32, DType::F64] {
+            let vars = params_on(&dev, shapes, dtype);
+            let before = host(vars[0].1.as_tensor());
+            let cfg = OptimConfig::from_toml("name = \"adamw\"").unwrap();
+            let mut opt = Driver::new(cfg, NamedParams::new(vars.clone()).unwrap()).unwrap();
+            let mut g = common::values(3, 1000);
+            g[999] = bad;
+            let g = Tensor::from_vec(g, 1000, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let grads = BTreeMap::from([("w".to_string(), g)]);
+            assert!(opt.step_named(&grads).is_err(), "{bad} {dtype:?} accepted");
+            assert_eq!(host(vars[0].1.as_tensor()), before, "parameter changed");
+        }
+    }
+}
+
+/// Seconds per call of `f`, after warm-up, with the device synchronized around the timed calls.
+fn time_it(dev: &Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    dev.synchronize().unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    dev.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() / reps as f64
+}
+
+/// GPT-2 small's parameter shapes (124M parameters).
+fn gpt2_shapes() -> Vec<(String, Vec<usize>)> {
+    let (v, t, d, l) = (50257, 1024, 768, 12);
+    let mut s = vec![
+        ("wte.weight".to_string(), vec![v, d]),
+        ("wpe.weight".to_string(), vec![t, d]),
+        ("ln_f.weight".to_string(), vec![d]),
+        ("ln_f.bias".to_string(), vec![d]),
+    ];
+    for i in 0..l {
+        for (n, shape) in [
+            ("ln_1.weight", vec![d]),
+            ("ln_1.bias", vec![d]),
+            ("attn.c_attn.weight", vec![3 * d, d]),
+            ("attn.c_attn.bias", vec![3 * d]),
+            ("attn.c_proj.weight", vec![d, d]),
+            ("attn.c_proj.bias", vec![d]),
+            ("ln_2.weight", vec![d]),
+            ("ln_2.bias", vec![d]),
+            ("mlp.c_fc.weight", vec![4 * d, d]),
+            ("mlp.c_fc.bias", vec![4 * d]),
+            ("mlp.c_proj.weight", vec![d, 4 * d]),
+            ("mlp.c_proj.bias", vec![d]),
+        ] {
+            s.push((format!("h.{i}.{n}"), shape));
+        }
+    }
+    s
+}
+
+/// Timing table for `scripts/gpu-check.sh`: one AdamW step over GPT-2 small's parameters (f32)
+/// with the fused kernel (through the driver, gradient checks included, and the bare kernel)
+/// and with candle-nn's AdamW, against the device's copy bandwidth.
+#[test]
+#[ignore = "timing; run by scripts/gpu-check.sh on a GPU machine"]
+fn gpu_timing_table() {
+    let Some(dev) = cuda() else { return };
+    let shapes = gpt2_shapes();
+    let n: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let mk = |seed: u64, shape: &[usize]| {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .affine(1e-2, seed as f64 * 1e-3)
+            .unwrap()
+    };
+    let vars: Vec<(String, Var)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, s))| (name.clone(), Var::from_tensor(&mk(i as u64, s)).unwrap()))
+        .collect();
+    let grads: BTreeMap<String, Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, s))| (name.clone(), mk(1000 + i as u64, s)))
+        .collect();
+    let bytes = 4.0 * n as f64;
+    let gbps = |b: f64, s: f64| b / s / 1e9;
+
+    // Device copy: read + write every parameter once.
+    let copy = time_it(&dev, 20, || {
+        for (_, v) in &vars {
+            let _ = v.as_tensor().copy().unwrap();
+        }
+    });
+
+    // The fused kernel alone (AdamStep: reads p, m, v, g; writes p, m, v).
+    let moments: Vec<(Tensor, Tensor)> = vars
+        .iter()
+        .map(|(_, v)| (v.zeros_like().unwrap(), v.zeros_like().unwrap()))
+        .collect();
+    let mut t = 0;
+    let kernel = time_it(&dev, 20, || {
+        t += 1;
+        let step = optlab::optim::adamw::AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            t,
+            maximize: false,
+        };
+        for ((name, v), (m, s)) in vars.iter().zip(&moments) {
+            step.apply(v, &grads[name], m, s, None).unwrap();
+        }
+    });
+
+    // The driver's step: gradient checks (one finiteness pass and one sync per tensor) + kernel.
+    let cfg = OptimConfig::from_toml("name = \"adamw\"\nweight_decay = 0.1").unwrap();
+    let mut driver = Driver::new(cfg, NamedParams::new(vars.clone()).unwrap()).unwrap();
+    let driver_step = time_it(&dev, 10, || driver.step_named(&grads).unwrap());
+
+    // candle-nn's AdamW (op by op).
+    use candle_nn::Optimizer as _;
+    let mut store = candle_core::backprop::GradStore::default();
+    for (name, v) in &vars {
+        store.insert(v.as_tensor(), grads[name].clone());
+    }
+    let mut nn = candle_nn::AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        candle_nn::ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let candle_nn_step = time_it(&dev, 10, || nn.step(&store).unwrap());
+
+    let rows = [
+        ("device copy (read+write p)", copy, 2.0 * bytes),
+        ("fused AdamW kernel (7 accesses)", kernel, 7.0 * bytes),
+        ("optlab Driver AdamW step", driver_step, 7.0 * bytes),
+        ("candle-nn AdamW step", candle_nn_step, 7.0 * bytes),
+    ];
+    println!(
+        "AdamW step over GPT-2 small ({n} f32 parameters, {} tensors)",
+        shapes.len()
+    );
+    println!("| what | ms | GB/s (useful bytes) | vs copy bandwidth |");
+    println!("|---|---:|---:|---:|");
+    for (what, secs, b) in rows {
+        println!(
+            "| {what} | {:.3} | {:.0} | {:.2} |",
+            secs * 1e3,
+            gbps(b, secs),
+            gbps(b, secs) / gbps(2.0 * bytes, copy)
+        );
+    }
+}
+
+/// The test helpers themselves, so that a machine without a GPU still runs something here.
+#[test]
+fn comparison_helper_catches_an_unwritten_element() {
+    let mut a = common::values(1, 1_000_000);
+    let t = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
+    a[123_456] += 1e-3;
+    let u = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
+    assert!(check_close(&t, &u, 1e-5).is_err());
+    assert!(check_close(&t, &t.copy().unwrap(), 0.0).is_ok());
+}

@@ -1,0 +1,201 @@
+//! The fused CUDA kernels, compiled as host C++ and run as the GPU would (every block, every
+//! thread), against their plain-Rust twins: no GPU needed. Built only with
+//! `OPTLAB_EMULATE_KERNELS=1` at build time (needs a C++20 compiler; see
+//! src/kernels/emulate.rs), e.g. `OPTLAB_EMULATE_KERNELS=1 cargo test --test kernel_emulation`.
+//!
+//! Each case runs the same steps twice on the CPU, once through the twins and once through the
+//! emulated kernels (same kernel names, scalar lists and launch shapes as on the GPU), and
+//! compares every parameter and state tensor after every step and after the eval/train
+//! switches. The kernels round like their twins, so they must agree bit for bit; only
+//! Adalayer's block statistics are summed in another order (f64), so Adalayer is compared to
+//! 1e-6 (f32) / 1e-14 (f64) relative.
+
+#![cfg(optlab_emulate_kernels)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use optlab::kernels::emulate::{launch_count, with_emulation};
+use optlab::optim::{Driver, Mode, NamedParams, OptimConfig, Optimizer};
+
+fn params(dtype: DType) -> Vec<(String, Var)> {
+    common::KERNEL_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let t = common::tensor(7 + i as u64, shape, dtype);
+            (name.to_string(), Var::from_tensor(&t).unwrap())
+        })
+        .collect()
+}
+
+fn grads(dtype: DType, step: u64) -> BTreeMap<String, Tensor> {
+    common::KERNEL_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let g = common::tensor(10_000 * step + i as u64, shape, dtype);
+            (name.to_string(), g)
+        })
+        .collect()
+}
+
+/// Every parameter and state tensor of `opt`, by name, as f64.
+fn snapshot(opt: &Driver) -> BTreeMap<String, Vec<f64>> {
+    let mut out = BTreeMap::new();
+    for (name, v) in opt.vars() {
+        out.insert(name.clone(), common::values_of(&v));
+        if let Some(state) = opt.param_state(&name) {
+            for (field, t) in &state.tensors {
+                out.insert(format!("{name}.{field}"), common::values_of(t));
+            }
+        }
+    }
+    out
+}
+
+fn compare(label: &str, a: &Driver, b: &Driver, tol: f64) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    assert_eq!(
+        sa.keys().collect::<Vec<_>>(),
+        sb.keys().collect::<Vec<_>>(),
+        "{label}: different tensors"
+    );
+    for (key, x) in &sa {
+        let y = &sb[key];
+        let scale = x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (k, (p, q)) in x.iter().zip(y).enumerate() {
+            let same = if tol == 0.0 {
+                p.to_bits() == q.to_bits()
+            } else {
+                (p - q).abs() <= tol * scale
+            };
+            assert!(
+                same,
+                "{label}: {key}[{k}] is {p:e} from the twin, {q:e} from the kernel"
+            );
+        }
+    }
+}
+
+fn run_case(toml: &str, steps: u64) {
+    let cfg = OptimConfig::from_toml(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+    let adalayer = toml.starts_with("name = \"adalayer");
+    for dtype in [DType::F32, DType::F64] {
+        let label = format!("{} {dtype:?}", toml.replace('\n', " "));
+        let tol = match (adalayer, dtype) {
+            (false, _) => 0.0,
+            (true, DType::F32) => 1e-6,
+            (true, _) => 1e-14,
+        };
+        let mut twin = Driver::new(cfg.clone(), NamedParams::new(params(dtype)).unwrap()).unwrap();
+        let mut kernel =
+            Driver::new(cfg.clone(), NamedParams::new(params(dtype)).unwrap()).unwrap();
+        for s in 1..=steps {
+            twin.step_named(&grads(dtype, s)).unwrap();
+            let before = launch_count();
+            with_emulation(|| kernel.step_named(&grads(dtype, s)))
+                .unwrap_or_else(|e| panic!("{label}: emulated step {s}: {e}"));
+            // One finiteness check per gradient plus at least one update kernel per parameter.
+            let launched = launch_count() - before;
+            assert!(
+                launched > 2 * common::KERNEL_SHAPES.len() as u64 - 1,
+                "{label}: only {launched} emulated launches in step {s}"
+            );
+            compare(&format!("{label} step {s}"), &twin, &kernel, tol);
+        }
+        for mode in [Mode::Eval, Mode::Train] {
+            twin.set_mode(mode).unwrap();
+            with_emulation(|| kernel.set_mode(mode)).unwrap();
+            compare(&format!("{label} {mode:?}"), &twin, &kernel, tol);
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_its_twin() {
+    let cases = common::kernel_cases();
+    for (toml, steps) in &cases {
+        run_case(toml, *steps);
+    }
+}
+
+#[test]
+fn factor_ema_matches_its_twin() {
+    use optlab::optim::kron::{ema_update, FactorEma};
+    let forms = [
+        FactorEma::Lerp { weight: 0.05 },
+        FactorEma::Lerp { weight: 0.95 },
+        FactorEma::ScaleAdd {
+            decay: 1.0,
+            weight: 0.3,
+        },
+        FactorEma::ScaleAdd {
+            decay: 0.9,
+            weight: 0.1,
+        },
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for ema in forms {
+            let s = common::tensor(5, &[37, 37], dtype);
+            let twin = common::tensor(6, &[37, 37], dtype);
+            let kernel = twin.copy().unwrap();
+            ema_update(&twin, &s, ema).unwrap();
+            with_emulation(|| ema_update(&kernel, &s, ema)).unwrap();
+            let bits = |t: &Tensor| -> Vec<u64> {
+                common::values_of(t).iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&twin), bits(&kernel), "{ema:?} {dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn adamw_over_more_than_one_grid() {
+    // 2^24 + 3 elements: the grid is capped at 2^16 blocks of 256 threads, so the grid-stride
+    // loop must cover the rest.
+    let n = (1 << 24) + 3;
+    let cfg = OptimConfig::from_toml("name = \"adamw\"\nlr = 0.02").unwrap();
+    let mk = || {
+        let p = Var::from_tensor(&common::tensor(1, &[n], DType::F32)).unwrap();
+        Driver::new(
+            cfg.clone(),
+            NamedParams::new(vec![("w".into(), p)]).unwrap(),
+        )
+        .unwrap()
+    };
+    let (mut twin, mut kernel) = (mk(), mk());
+    let g = BTreeMap::from([("w".to_string(), common::tensor(2, &[n], DType::F32))]);
+    twin.step_named(&g).unwrap();
+    with_emulation(|| kernel.step_named(&g)).unwrap();
+    compare("adamw 2^24 + 3", &twin, &kernel, 0.0);
+}
+
+#[test]
+fn nonfinite_gradients_are_caught_by_the_kernel() {
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for dtype in [DType::F32, DType::F64] {
+            let mut g = common::values(3, 1000);
+            g[999] = bad;
+            let g = Tensor::from_vec(g, 1000, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let cfg = OptimConfig::from_toml("name = \"adamw\"").unwrap();
+            let p = Var::from_tensor(&common::tensor(1, &[1000], dtype)).unwrap();
+            let mut opt =
+                Driver::new(cfg, NamedParams::new(vec![("w".into(), p)]).unwrap()).unwrap();
+            let grads = BTreeMap::from([("w".to_string(), g)]);
+            assert!(with_emulation(|| opt.step_named(&grads)).is_err());
+        }
+    }
+}
+
+#[test]
+fn emulation_is_active_only_inside() {
+    assert!(!optlab::kernels::emulate::active());
+    with_emulation(|| assert!(optlab::kernels::emulate::active()));
+    assert!(!optlab::kernels::emulate::active());
+}
