@@ -114,6 +114,60 @@ fn nan_gradient_is_refused_before_anything_changes() {
     }
 }
 
+/// With several bad gradients, the first one in parameter-name order decides the error (the
+/// finiteness checks run as one batch, after the shape checks, but report as if in order).
+#[test]
+fn the_first_bad_gradient_in_name_order_decides_the_error() {
+    let nan_in = |g: &Grads, name: &str, shape: (usize, usize)| -> Tensor {
+        let mut v = values_of(&g[name]);
+        v[0] = f64::NAN;
+        Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+    };
+    // NaN in blocks.0.attn.q.weight (sorted before blocks.0.mlp.fc.weight), shape error after.
+    let err = unchanged_after_error("adamw", &|g| {
+        let mut g = g.clone();
+        g.insert(
+            "blocks.0.attn.q.weight".into(),
+            nan_in(&g, "blocks.0.attn.q.weight", (6, 6)),
+        );
+        g.insert(
+            "blocks.0.mlp.fc.weight".into(),
+            tensor(9, &[6, 12], DType::F64),
+        );
+        g
+    });
+    assert!(matches!(err, Error::NonFiniteGradient { .. }), "{err}");
+    assert!(err.to_string().contains("blocks.0.attn.q.weight"), "{err}");
+    // Shape error in blocks.0.mlp.fc.weight, NaN after it (lm_head.weight): the shape wins.
+    let err = unchanged_after_error("adamw", &|g| {
+        let mut g = g.clone();
+        g.insert(
+            "lm_head.weight".into(),
+            nan_in(&g, "lm_head.weight", (11, 6)),
+        );
+        g.insert(
+            "blocks.0.mlp.fc.weight".into(),
+            tensor(9, &[6, 12], DType::F64),
+        );
+        g
+    });
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    // Two NaNs: the first by name.
+    let err = unchanged_after_error("adamw", &|g| {
+        let mut g = g.clone();
+        g.insert(
+            "lm_head.weight".into(),
+            nan_in(&g, "lm_head.weight", (11, 6)),
+        );
+        g.insert(
+            "blocks.0.attn.q.weight".into(),
+            nan_in(&g, "blocks.0.attn.q.weight", (6, 6)),
+        );
+        g
+    });
+    assert!(err.to_string().contains("blocks.0.attn.q.weight"), "{err}");
+}
+
 #[test]
 fn skip_policy_skips_the_whole_step_and_counts_it() {
     let vars = model_params(DType::F32);

@@ -177,22 +177,39 @@ pub fn gram_ema<T: Float>(factor: &Tensor, u: &Tensor, alpha: f64, beta: f64) ->
 /// Whether every element of `t` (contiguous, dtype `T`, on a CUDA device) is finite: one
 /// reading pass on the device and one 8-byte copy back.
 pub fn all_finite<T: Float>(t: &Tensor) -> Result<bool> {
-    let n = t.elem_count();
-    let mut flag = 0.0;
-    with_device_ptrs::<T>(&[], &[t], |dev, _, i| {
-        let mut scratch = dev.alloc_zeros::<f64>(1)?;
-        {
-            let stream = dev.cuda_stream();
-            let (ptr, _sync) = scratch.device_ptr_mut(&stream);
-            let mut a = Args::<T>::new(&[], i, n, &[])?;
-            a.scratch = ptr;
-            // SAFETY: reads x[k] for k < n (checked by `with_device_ptrs`), writes scratch[0].
-            unsafe { launch(dev, "nonfinite", elementwise_blocks(n), &a)? };
+    Ok(all_finite_each(&[t])?[0])
+}
+
+/// [`all_finite`] of tensors on one CUDA device (f32 or f64, any mix): one `nonfinite` launch
+/// per tensor into its own flag, then a single copy of all flags to the host.
+pub fn all_finite_each(ts: &[&Tensor]) -> Result<Vec<bool>> {
+    let Some(first) = ts.first() else {
+        return Ok(vec![]);
+    };
+    let candle_core::Device::Cuda(dev) = first.device() else {
+        return Err(Error::Msg("all_finite_each: not a CUDA tensor".into()));
+    };
+    let mut flags = dev.alloc_zeros::<f64>(ts.len())?;
+    {
+        let stream = dev.cuda_stream();
+        let (base, _sync) = flags.device_ptr_mut(&stream);
+        for (k, t) in ts.iter().enumerate() {
+            let t = t.contiguous()?;
+            let n = t.elem_count();
+            let flag = base + (k * std::mem::size_of::<f64>()) as u64;
+            crate::with_float!(t.dtype(), "all_finite", T => {
+                with_device_ptrs::<T>(&[], &[&t], |dev, _, i| {
+                    let mut a = Args::<T>::new(&[], i, n, &[])?;
+                    a.scratch = flag;
+                    // SAFETY: reads x[j] for j < n (checked by `with_device_ptrs`) and writes
+                    // flags[k], k < ts.len(), the allocation's length.
+                    unsafe { launch(dev, "nonfinite", elementwise_blocks(n), &a) }
+                })?;
+            });
         }
-        flag = dev.clone_dtoh(&scratch)?[0];
-        Ok(())
-    })?;
-    Ok(flag == 0.0)
+    }
+    let flags = dev.clone_dtoh(&flags)?;
+    Ok(flags.iter().map(|&f| f == 0.0).collect())
 }
 
 /// Checks that the tensors all live on one CUDA device.

@@ -9,7 +9,7 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::optim::config::OptimConfig;
-use crate::optim::fused::{all_finite, prepare_grad};
+use crate::optim::fused::{all_finite_each, prepare_grad};
 use crate::optim::groups::OptimizerSpec;
 use crate::optim::params::{NamedParams, ParamMeta};
 use crate::optim::rule::{ExtraInput, Mode, Rule, StepCtx};
@@ -163,36 +163,56 @@ impl Driver {
 
     /// Gradients for every slot (None where missing), checked for shape, dtype and finiteness.
     /// Returns `Ok(None)` when the step must be skipped under [`NonFinitePolicy::Skip`].
+    ///
+    /// The checks behave as if made slot by slot in order (the first failing slot decides),
+    /// but the finiteness of all gradients is checked in one batch, so that on a GPU the step
+    /// waits for the device once rather than once per gradient.
     fn collect(
         &self,
         lookup: &dyn Fn(&Var) -> Option<Tensor>,
     ) -> Result<Option<Vec<Option<Tensor>>>> {
         let mut out = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
+        let mut owners = Vec::with_capacity(self.slots.len());
+        // A shape or conversion failure at slot i, reported unless a gradient before it is
+        // non-finite.
+        let mut failure = None;
+        for (i, slot) in self.slots.iter().enumerate() {
             let Some(g) = lookup(&slot.var) else {
                 out.push(None);
                 continue;
             };
             if g.dims() != slot.meta.shape.as_slice() {
-                return Err(Error::Shape {
+                failure = Some(Error::Shape {
                     param: slot.meta.name.clone(),
                     expected: slot.meta.shape.clone(),
                     got: g.dims().to_vec(),
                 });
+                break;
             }
-            let g = prepare_grad(&g, slot.var.dtype())?;
-            if !all_finite(&g)? {
-                match self.nonfinite {
-                    NonFinitePolicy::Error => {
-                        return Err(Error::NonFiniteGradient {
-                            param: slot.meta.name.clone(),
-                            step: self.step + 1,
-                        })
-                    }
-                    NonFinitePolicy::Skip => return Ok(None),
+            match prepare_grad(&g, slot.var.dtype()) {
+                Ok(g) => {
+                    out.push(Some(g));
+                    owners.push(i);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
             }
-            out.push(Some(g));
+        }
+        let present: Vec<&Tensor> = out.iter().flatten().collect();
+        let finite = all_finite_each(&present)?;
+        if let Some(k) = finite.iter().position(|ok| !ok) {
+            return match self.nonfinite {
+                NonFinitePolicy::Error => Err(Error::NonFiniteGradient {
+                    param: self.slots[owners[k]].meta.name.clone(),
+                    step: self.step + 1,
+                }),
+                NonFinitePolicy::Skip => Ok(None),
+            };
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         Ok(Some(out))
     }

@@ -276,6 +276,21 @@ pub fn sum_sq(t: &Tensor) -> Result<f64> {
     Ok(acc)
 }
 
+/// [`all_finite`] of each tensor. On a CUDA device (feature `cuda`) the checks are queued
+/// back to back and their results copied to the host together: one wait for the device.
+pub fn all_finite_each(ts: &[&Tensor]) -> Result<Vec<bool>> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = ts.first() {
+        let batchable = ts.iter().all(|t| {
+            t.device().same_device(first.device()) && matches!(t.dtype(), DType::F32 | DType::F64)
+        });
+        if first.device().is_cuda() && batchable {
+            return crate::cuda::all_finite_each(ts);
+        }
+    }
+    ts.iter().map(|t| all_finite(t)).collect()
+}
+
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     #[cfg(feature = "cuda")]
