@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     resume: bool,
     /// Stop after this step (checkpointing) as if interrupted; continue with --resume.
-    #[arg(long, value_name = "STEP")]
+    #[arg(long, value_name = "STEP", value_parser = clap::value_parser!(u64).range(1..))]
     stop_after: Option<u64>,
     /// No progress bar and no notes on stderr.
     #[arg(long)]

@@ -585,3 +585,32 @@ fn checkpoint_of_another_model_is_refused() {
     let err = run(&cfg, &resume).unwrap_err().to_string();
     assert!(err.contains("differ from this model"), "{err}");
 }
+
+#[test]
+fn presets_parse_and_fit_the_embedded_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/configs");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let cfg = RunConfig::from_file(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let data = brown();
+        let context = cfg.model.context();
+        data.check_model(cfg.model.vocab_size(), context).unwrap();
+        data.eval_batches(context, cfg.eval_batch_size(), cfg.eval.tokens)
+            .unwrap();
+        let sampler = data.sampler(context, cfg.train.batch_size, cfg.seed).unwrap();
+        let needed = cfg.total_steps() * cfg.batch_tokens();
+        assert!(
+            needed <= sampler.tokens_per_epoch(),
+            "{}: {needed} tokens exceed one pass of {}",
+            path.display(),
+            sampler.tokens_per_epoch()
+        );
+        names.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["d256-l3", "d512-l3", "d512-l6", "tiny"]);
+}
