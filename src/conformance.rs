@@ -176,6 +176,7 @@ pub fn map_hparams(
                 }
             }
         }
+        "shampoo" => map_shampoo(&mut h)?,
         _ => {}
     }
     if OptimConfig::default_for(optimizer).is_err() {
@@ -186,6 +187,176 @@ pub fn map_hparams(
     h.insert("name".into(), Value::String(optimizer.into()));
     let cfg = OptimConfig::from_json(Value::Object(h))?;
     Ok((cfg, opts))
+}
+
+/// A nested reference config object: its `type` and the remaining fields.
+fn typed_object(what: &str, v: Value) -> Result<(String, Map<String, Value>)> {
+    match v {
+        Value::Object(mut m) => match m.remove("type") {
+            Some(Value::String(t)) => Ok((t, m)),
+            _ => Err(Error::Msg(format!("shampoo: `{what}` has no `type`"))),
+        },
+        other => Err(Error::Msg(format!(
+            "shampoo: `{what}` must be an object, got {other}"
+        ))),
+    }
+}
+
+/// Removes `key` from `m`, failing unless it is absent or equal to `neutral` (options that only
+/// matter for devices, memory layout or logging have no effect on one CPU only at that value).
+fn neutral(m: &mut Map<String, Value>, what: &str, key: &str, neutral: Value) -> Result<()> {
+    match m.remove(key) {
+        None => Ok(()),
+        Some(v) if v == neutral => Ok(()),
+        Some(v) => Err(Error::Msg(format!(
+            "shampoo: `{what}.{key}` = {v} is not supported (only {neutral})"
+        ))),
+    }
+}
+
+fn no_leftovers(m: &Map<String, Value>, what: &str) -> Result<()> {
+    match m.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(Error::Msg(format!(
+            "shampoo: `{what}.{k}` is not supported"
+        ))),
+    }
+}
+
+/// DistributedShampoo's nested hyperparameters onto [`crate::optim::shampoo::ShampooConfig`].
+fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
+    neutral(h, "hparams", "use_pin_memory", Value::Bool(false))?;
+    neutral(h, "hparams", "shampoo_pt2_compile_config", Value::Null)?;
+    if let Some(v) = h.remove("distributed_config") {
+        if !v.is_null() {
+            let (ty, mut m) = typed_object("distributed_config", v)?;
+            if ty != "SingleDeviceDistributedConfig" {
+                return Err(Error::Msg(format!(
+                    "shampoo: distributed_config `{ty}` is not supported (single device only)"
+                )));
+            }
+            if let Some(t) = m.remove("target_parameter_dimensionality") {
+                h.insert("target_parameter_dimensionality".into(), t);
+            }
+            no_leftovers(&m, "distributed_config")?;
+        }
+    }
+    if let Some(v) = h.remove("iterate_averaging_config") {
+        let mapped = if v.is_null() {
+            serde_json::json!({ "type": "none" })
+        } else {
+            let (ty, mut m) = typed_object("iterate_averaging_config", v)?;
+            if ty != "ClassicMomentumConfig" {
+                return Err(Error::Msg(format!(
+                    "shampoo: iterate_averaging_config `{ty}` is not supported (only ClassicMomentumConfig)"
+                )));
+            }
+            m.insert("type".into(), "classic_momentum".into());
+            Value::Object(m)
+        };
+        h.insert("iterate_averaging_config".into(), mapped);
+    }
+    if let Some(v) = h.remove("grafting_config") {
+        let mapped = if v.is_null() {
+            serde_json::json!({ "type": "none" })
+        } else {
+            let (ty, mut m) = typed_object("grafting_config", v)?;
+            let short = match ty.as_str() {
+                "SGDPreconditionerConfig" => "sgd",
+                "AdaGradPreconditionerConfig" => "adagrad",
+                "RMSpropPreconditionerConfig" => "rmsprop",
+                "AdamPreconditionerConfig" => "adam",
+                other => {
+                    return Err(Error::Msg(format!(
+                        "shampoo: grafting_config `{other}` is not supported"
+                    )))
+                }
+            };
+            m.insert("type".into(), short.into());
+            Value::Object(m)
+        };
+        h.insert("grafting_config".into(), mapped);
+    }
+    if let Some(v) = h.remove("preconditioner_config") {
+        let (ty, mut p) = typed_object("preconditioner_config", v)?;
+        if ty != "RootInvShampooPreconditionerConfig" {
+            return Err(Error::Msg(format!(
+                "shampoo: preconditioner_config `{ty}` is not supported (only RootInvShampooPreconditionerConfig)"
+            )));
+        }
+        // Packing the symmetric factors is a lossless storage format: either value is exact.
+        p.remove("use_symmetric_packing");
+        if let Some(v) = p.remove("amortized_computation_config") {
+            let (ty, mut a) = typed_object("amortized_computation_config", v)?;
+            let what = "preconditioner_config.amortized_computation_config";
+            let mapped = match ty.as_str() {
+                "EigenConfig" => {
+                    neutral(&mut a, what, "retry_double_precision", Value::Bool(true))?;
+                    neutral(&mut a, what, "eigendecomposition_offload_device", "".into())?;
+                    neutral(&mut a, what, "tolerance", serde_json::json!(0.0))?;
+                    let stability = match a.remove("rank_deficient_stability_config") {
+                        None => serde_json::json!({ "type": "eigen" }),
+                        Some(s) => {
+                            let (sty, mut s) = typed_object("rank_deficient_stability_config", s)?;
+                            let mapped = match sty.as_str() {
+                                "PerturbationConfig" => "eigen",
+                                "PseudoInverseConfig" => "pseudo_inverse",
+                                other => {
+                                    return Err(Error::Msg(format!(
+                                        "shampoo: rank_deficient_stability_config `{other}` is not supported"
+                                    )))
+                                }
+                            };
+                            s.insert("type".into(), mapped.into());
+                            Value::Object(s)
+                        }
+                    };
+                    no_leftovers(&a, what)?;
+                    stability
+                }
+                "CoupledNewtonConfig" => {
+                    a.insert("type".into(), "coupled_newton".into());
+                    Value::Object(a)
+                }
+                other => {
+                    return Err(Error::Msg(format!(
+                        "shampoo: amortized_computation_config `{other}` is not supported"
+                    )))
+                }
+            };
+            h.insert("amortized_computation_config".into(), mapped);
+        }
+        for key in ["factor_matrix_dtype", "inv_factor_matrix_dtype"] {
+            if let Some(v) = p.remove(key) {
+                let name = v
+                    .as_str()
+                    .map(|s| s.trim_start_matches("torch.").to_string());
+                match name.as_deref() {
+                    Some(d @ ("float32" | "float64")) => {
+                        h.insert(key.into(), d.into());
+                    }
+                    _ => {
+                        return Err(Error::Msg(format!(
+                            "shampoo: preconditioner_config.{key} = {v} is not supported (float32 or float64)"
+                        )))
+                    }
+                }
+            }
+        }
+        for key in [
+            "inverse_exponent_override",
+            "num_tolerated_failed_amortized_computations",
+            "use_trace_scaling",
+            "trace_scaling_exponent",
+            "drop_weighting_factor_on_gsquare",
+        ] {
+            if let Some(v) = p.remove(key) {
+                h.insert(key.into(), v);
+            }
+        }
+        no_leftovers(&p, "preconditioner_config")?;
+    }
+    Ok(())
 }
 
 /// Worst deviation seen in a replay.

@@ -56,6 +56,15 @@ pub enum Error {
     /// A numerical failure the optimizer could not recover from.
     #[error("numerical failure: {0}")]
     Numerical(String),
+    /// A data analysis (steps-to-target, critical-batch-size fit, power law) cannot be done on
+    /// the data given: too few points, a non-positive value, or a degenerate fit.
+    #[error("{context}: {reason}")]
+    Analysis {
+        /// What was being analysed, e.g. ``group `adamw` ``.
+        context: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -72,6 +81,14 @@ impl Error {
     pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Config {
             field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An analysis error about `context`.
+    pub fn analysis(context: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Analysis {
+            context: context.into(),
             reason: reason.into(),
         }
     }

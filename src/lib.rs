@@ -4,6 +4,7 @@
 //! Simplified-AdEMAMix, Adalayer and the baselines their papers compare against, each exact
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 
+pub mod analysis;
 pub mod conformance;
 pub mod data;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod io;
 pub mod linalg;
 pub mod models;
 pub mod optim;
+pub mod plots;
 pub mod runner;
 
 pub use error::{Error, Result};

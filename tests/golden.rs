@@ -5,10 +5,6 @@ use std::path::PathBuf;
 use candle_core::DType;
 use optlab::conformance::{replay, report_line, GoldenCase, Outcome};
 
-/// Optimizers whose golden files exist but which the library does not implement yet: they must
-/// report exactly that, so the day they land this list shrinks and the cases are checked.
-const NOT_YET: &[&str] = &["shampoo"];
-
 fn golden_files() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -34,11 +30,8 @@ fn every_golden_case_in_both_dtypes() {
         for dtype in [DType::F64, DType::F32] {
             let outcome = replay(&case, dtype);
             println!("{}", report_line(&name, dtype, &outcome));
-            let not_yet = NOT_YET.contains(&case.optimizer.as_str());
-            match (&outcome, not_yet) {
-                (Outcome::Pass(_), false) => {}
-                (Outcome::Fail(reason), true) if reason.contains("not supported yet") => {}
-                _ => failures.push(report_line(&name, dtype, &outcome)),
+            if let Outcome::Fail(_) = outcome {
+                failures.push(report_line(&name, dtype, &outcome));
             }
         }
     }

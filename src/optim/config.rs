@@ -106,6 +106,7 @@ optimizers! {
     Adalayer(crate::optim::adalayer::AdalayerConfig),
     AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
     Soap(crate::optim::soap::SoapConfig),
+    Shampoo(crate::optim::shampoo::ShampooConfig),
 }
 
 impl OptimConfig {

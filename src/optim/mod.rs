@@ -27,6 +27,7 @@ pub mod rule;
 pub mod schedule;
 pub mod schedule_free;
 pub mod sgd;
+pub mod shampoo;
 pub mod signum;
 pub mod simplified_ademamix;
 pub mod soap;

@@ -27,7 +27,7 @@ pub fn tuned(name: &str) -> Option<&'static str> {
         "mars" => "lr = 0.02",
         "muon" => "lr = 0.01\nadam_lr = 0.02",
         "soap" => "lr = 0.02\nprecondition_frequency = 2",
-        "shampoo" => "lr = 0.02",
+        "shampoo" => "lr = 0.02\nbetas = [0.9, 0.95]\nepsilon = 1e-8\nprecondition_frequency = 2\nstart_preconditioning_step = 2\ngrafting_config = { type = \"adam\", beta2 = 0.95, epsilon = 1e-8 }",
         _ => return None,
     })
 }
