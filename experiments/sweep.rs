@@ -50,6 +50,9 @@ enum Command {
         /// Print JSON (one object per run) instead of the table.
         #[arg(long)]
         json: bool,
+        /// Print the resolved run config of this run id (or unique id prefix) instead.
+        #[arg(long, value_name = "ID")]
+        show: Option<String>,
     },
     /// Run the unfinished runs of a shard (all runs by default).
     Run {
@@ -155,8 +158,20 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::file(p, e))
 }
 
-fn plan_cmd(common: &Common, json: bool) -> Result<()> {
+fn plan_cmd(common: &Common, json: bool, show: Option<&str>) -> Result<()> {
     let plan = load(common)?;
+    if let Some(id) = show {
+        let found: Vec<_> = plan.runs.iter().filter(|r| r.id.starts_with(id)).collect();
+        return match found.as_slice() {
+            [r] => {
+                println!("# run {} ({})", r.id, r.coords.describe());
+                print!("{}", r.config.to_toml()?);
+                Ok(())
+            }
+            [] => Err(Error::config("--show", format!("no run id starts with `{id}`"))),
+            _ => Err(Error::config("--show", format!("`{id}` matches {} runs", found.len()))),
+        };
+    }
     let (progress, states) = exec::progress(&plan);
     if json {
         let rows: Vec<serde_json::Value> = plan
@@ -398,7 +413,9 @@ fn slurm_cmd(
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Plan { common, json } => plan_cmd(&common, json).map(|_| true),
+        Command::Plan { common, json, show } => {
+            plan_cmd(&common, json, show.as_deref()).map(|_| true)
+        }
         Command::Run {
             common,
             shard,

@@ -1,8 +1,9 @@
 //! One lock per run, so that two workers of a sweep (local processes, Slurm tasks, machines
 //! sharing a file system) never run the same run.
 //!
-//! A lock is a file `<runs_dir>/<id>.lock.<g>` created with `O_CREAT | O_EXCL`
-//! (`create_new`), so exactly one worker creates each name. It holds the owner's host, pid, the
+//! A lock is a file `<runs_dir>/<id>.lock.<g>` created exclusively (a hard link of a complete
+//! temporary file, which fails if the name exists, like `O_CREAT | O_EXCL`; plain `create_new`
+//! where links are unsupported), so exactly one worker creates each name. It holds the owner's host, pid, the
 //! process start time (to tell a live process from a reused pid) and a random nonce, and its
 //! holder touches it every few seconds (a heartbeat).
 //!
@@ -11,7 +12,7 @@
 //! creations is unspecified). A lock whose owner is gone is *stale*: on the same host, its pid
 //! no longer runs or runs another process (different start time); on another host, or when
 //! the process table cannot be read, its heartbeat is older than `stale_after`. Breaking a stale
-//! lock creates generation `g + 1` with `create_new`: of two workers that find the same stale
+//! lock creates generation `g + 1` exclusively: of two workers that find the same stale
 //! lock, only one creates the next name, and nobody deletes a lock another worker may hold. The
 //! files of a run's lock are removed when its holder releases it. A lock file that does not
 //! parse (its owner died between creating and writing it) counts as stale once its
@@ -144,7 +145,7 @@ fn judge(path: &Path, stale_after: Duration) -> Found {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok());
     let Some(info) = info else {
-        return if age > GRACE.max(stale_after.min(GRACE)) {
+        return if age > GRACE {
             Found::Stale
         } else {
             Found::Unreadable
@@ -161,6 +162,37 @@ fn judge(path: &Path, stale_after: Duration) -> Found {
         Found::Stale
     } else {
         Found::Live(info)
+    }
+}
+
+/// Creates `path` holding `info` if it does not exist; `false` if it does. The record is written
+/// to a private temporary file first and hard-linked to `path` (an exclusive create, like
+/// `O_EXCL`, that also works on NFS), so the lock never exists without its content; where hard
+/// links are not supported, `create_new` (`O_CREAT | O_EXCL`) and a write.
+fn create_exclusive(path: &Path, info: &LockInfo) -> Result<bool> {
+    let text = serde_json::to_string(info).map_err(|e| Error::file(path, e))?;
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(format!(".tmp.{}.{:x}", info.pid, info.nonce));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, &text)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .map_err(|e| Error::file(&tmp, e))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(_) => {}
+    }
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(mut f) => {
+            f.write_all(text.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| Error::file(path, e))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::file(path, e)),
     }
 }
 
@@ -190,12 +222,8 @@ impl RunLock {
             };
             let path = generation_path(base, next);
             let info = LockInfo::current();
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    let text = serde_json::to_string(&info).map_err(|e| Error::file(&path, e))?;
-                    f.write_all(text.as_bytes())
-                        .and_then(|_| f.sync_all())
-                        .map_err(|e| Error::file(&path, e))?;
+            match create_exclusive(&path, &info)? {
+                true => {
                     let mut lock = RunLock {
                         base: base.to_path_buf(),
                         path,
@@ -209,8 +237,7 @@ impl RunLock {
                     return Ok(Ok(lock));
                 }
                 // Another worker created this generation first: look again.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::file(&path, e)),
+                false => continue,
             }
         }
     }
