@@ -17,5 +17,6 @@ pub mod models;
 pub mod optim;
 pub mod plots;
 pub mod runner;
+pub mod sweep;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1363 @@
+//! The sweep report: steps and tokens to target per optimizer and batch size, the optimal
+//! learning rate per batch size, loss against learning rate, and the critical-batch-size fit,
+//! written as `report.md`, `report.json`, CSVs and plots.
+//!
+//! **Losses.** Each evaluation's loss is the one `report.metric` names: `ewa` (the default)
+//! takes the lowest of the run's EWA averages (the raw loss where an evaluation has none, as at
+//! step 0), `raw` the raw parameters', `best` the lowest of both. A run's final loss is that of
+//! its last evaluation; a diverged run's is infinite.
+//!
+//! **Targets** are resolved per scenario (model × budget): a fixed loss as given, a reference
+//! target as the lowest loss the reference optimizer reached at the reference batch size, over
+//! its runs (the other hyperparameters), at its last evaluation at or before the reference step
+//! or token count (its last evaluation by default).
+//!
+//! **Steps to target** of an optimizer at a batch size is the first evaluation strictly below the
+//! target, minimised over the runs of that cell (learning rates, other `set` axes, seeds), as
+//! the CBS paper's code extracts it ([`crate::analysis::steps_to_target`]). Tokens to target are
+//! the tokens of that evaluation. Only finished and diverged runs count; the report says how
+//! many runs are still missing.
+//!
+//! **Fits.** Per target, each group (an optimizer, with its scenario when the sweep has more
+//! than one) gets `S(B) = a + b/B` and `B*` via [`crate::analysis`] with `B0 = report.b0`;
+//! groups that cannot be fitted (fewer than 3 batch sizes reaching the target, a degenerate fit)
+//! are listed with the reason. Power laws of `B*` against model and data size are fitted per
+//! optimizer across its scenarios.
+//!
+//! Nothing in `report.json` except its `timing` object depends on wall-clock time, so an
+//! interrupted and resumed sweep reports exactly what an uninterrupted one does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::analysis::{self, fit_cbs, CbsRow, Eval, PowerLaw};
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+use crate::plots::{
+    self, BStarScalingPlot, Layout, LossAxis, LossCurve, LossCurves, LossPoint, LrSensitivityPlot,
+    LrSeries, ScalingPoint, StepsSeries, StepsToTargetPlot,
+};
+use crate::runner::{read_metrics, MetricsLine, Summary};
+use crate::sweep::exec::{run_state, RunState};
+use crate::sweep::spec::{fmt_g, Budget, Coords, Metric, Plan, CHINCHILLA_TOKENS_PER_PARAM};
+
+/// One evaluation of a run under the report's metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalPoint {
+    /// Optimizer steps.
+    pub step: u64,
+    /// Training tokens.
+    pub tokens: u64,
+    /// Loss.
+    pub loss: f64,
+}
+
+/// What the report knows about one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Run id.
+    pub id: String,
+    /// Coordinates.
+    #[serde(flatten)]
+    pub coords: Coords,
+    /// `finished`, `diverged`, `started` or `pending`.
+    pub state: String,
+    /// Steps taken (as far as recorded).
+    pub steps: u64,
+    /// Final loss under the metric (`None` when not finished; infinite when diverged).
+    pub final_loss: Option<f64>,
+    /// Steps to each target (`None`: not reached or not counted).
+    pub steps_to_target: Vec<Option<u64>>,
+    /// Evaluations under the metric.
+    #[serde(skip)]
+    pub evals: Vec<EvalPoint>,
+    /// Seconds per training step (finished runs).
+    #[serde(skip)]
+    pub seconds_per_step: Option<f64>,
+    /// Non-embedding parameters of the model.
+    #[serde(skip)]
+    pub n_params: f64,
+    /// The data budget of the run's budget entry, in tokens (when it names one).
+    #[serde(skip)]
+    pub budget_tokens: Option<f64>,
+}
+
+impl RunResult {
+    fn counted(&self) -> bool {
+        self.state == "finished" || self.state == "diverged"
+    }
+}
+
+/// A target loss and its value per scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetValue {
+    /// Description.
+    pub name: String,
+    /// Value per scenario (`""` when the sweep has one scenario); missing where the reference
+    /// runs have not finished.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Steps to target of one optimizer at one batch size in one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct CellResult {
+    /// Target index.
+    pub target: usize,
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size (sequences).
+    pub batch_size: usize,
+    /// Steps to target (minimum over the cell's runs).
+    pub steps: u64,
+    /// Tokens at that evaluation.
+    pub tokens: u64,
+    /// Learning rate of the run that got there first.
+    pub lr: f64,
+    /// Its id.
+    pub run: String,
+}
+
+/// The learning rate with the lowest final loss in one cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestLr {
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// The best learning rate.
+    pub lr: f64,
+    /// Its final loss.
+    pub final_loss: f64,
+    /// Its run id.
+    pub run: String,
+}
+
+/// Final loss against learning rate in one cell (minimum over the other axes per lr).
+#[derive(Debug, Clone, Serialize)]
+pub struct LrCurve {
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// `(lr, final loss)`, ascending lr; diverged runs have an infinite loss (`null` in JSON).
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One group's critical-batch-size fit for one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupCbs {
+    /// Target index.
+    pub target: usize,
+    /// Group (optimizer, or optimizer/scenario).
+    pub group: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Scenario.
+    pub scenario: String,
+    /// `a` of `S(B) = a + b/B`.
+    pub a: f64,
+    /// `b`.
+    pub b: f64,
+    /// `1.2·B0 + b/(5a)`.
+    pub b_star: f64,
+    /// `b/(5a)`.
+    pub b_star_asymptotic: f64,
+    /// RMS residual of `log S`.
+    pub rmse_log: f64,
+    /// `(batch size, steps)` points fitted.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A group that could not be fitted.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitFailure {
+    /// Target index.
+    pub target: usize,
+    /// Group.
+    pub group: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Power laws of `B*` for one optimizer and target.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimizerLaws {
+    /// Target index.
+    pub target: usize,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// `B* = c·N^e`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_params: Option<PowerLaw>,
+    /// `B* = c·D^e`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<PowerLaw>,
+}
+
+/// Seconds per step of one optimizer at one batch size (mean over finished runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Mean seconds per training step.
+    pub seconds_per_step: f64,
+}
+
+/// Run counts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    /// Planned.
+    pub planned: usize,
+    /// Finished.
+    pub finished: usize,
+    /// Diverged.
+    pub diverged: usize,
+    /// Not finished yet (started or pending).
+    pub missing: usize,
+}
+
+/// The whole report (`report.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// Sweep name.
+    pub sweep: String,
+    /// Metric.
+    pub metric: Metric,
+    /// Reference batch size of `B*`.
+    pub b0: f64,
+    /// Run counts.
+    pub runs: Counts,
+    /// Targets.
+    pub targets: Vec<TargetValue>,
+    /// Steps to target per cell.
+    pub steps_to_target: Vec<CellResult>,
+    /// Best lr per cell.
+    pub optimal_lr: Vec<BestLr>,
+    /// Loss vs lr per cell.
+    pub lr_curves: Vec<LrCurve>,
+    /// Fits.
+    pub cbs: Vec<GroupCbs>,
+    /// Groups that could not be fitted.
+    pub cbs_failures: Vec<FitFailure>,
+    /// Power laws.
+    pub power_laws: Vec<OptimizerLaws>,
+    /// Every run.
+    pub run_results: Vec<RunResult>,
+    /// Wall-clock measurements (the only part that differs between identical sweeps).
+    pub timing: Vec<StepTime>,
+}
+
+fn metric_loss(line: &MetricsLine, metric: Metric) -> Option<f64> {
+    let raw = line.eval_loss;
+    let ewa = line
+        .eval_loss_ewa
+        .values()
+        .copied()
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+    match metric {
+        Metric::Raw => raw,
+        Metric::Ewa => ewa.or(raw),
+        Metric::Best => match (raw, ewa) {
+            (Some(r), Some(e)) => Some(r.min(e)),
+            (r, e) => r.or(e),
+        },
+    }
+}
+
+fn gather(plan: &Plan) -> Result<Vec<RunResult>> {
+    let metric = plan.spec.report.metric;
+    let mut out = Vec::with_capacity(plan.runs.len());
+    for run in &plan.runs {
+        let dir = plan.run_dir(run);
+        let state = run_state(&dir);
+        let metrics_path = dir.join("metrics.jsonl");
+        let lines = if matches!(state, RunState::Finished | RunState::Failed(_))
+            && metrics_path.is_file()
+        {
+            read_metrics(&metrics_path)?
+        } else {
+            Vec::new()
+        };
+        let evals: Vec<EvalPoint> = lines
+            .iter()
+            .filter_map(|l| {
+                metric_loss(l, metric).map(|loss| EvalPoint {
+                    step: l.step,
+                    tokens: l.tokens,
+                    loss,
+                })
+            })
+            .collect();
+        let summary: Option<Summary> = if state == RunState::Finished {
+            let p = dir.join("summary.json");
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+            Some(serde_json::from_str(&text).map_err(|e| Error::file(&p, e))?)
+        } else {
+            None
+        };
+        let (state_name, final_loss) = match &state {
+            RunState::Finished => ("finished", evals.last().map(|e| e.loss)),
+            RunState::Failed(_) => ("diverged", Some(f64::INFINITY)),
+            RunState::Started => ("started", None),
+            RunState::Pending => ("pending", None),
+        };
+        let n_params = run.config.model.non_embedding_params() as f64;
+        let budget_tokens = plan
+            .spec
+            .budgets
+            .iter()
+            .find(|b| b.label == run.coords.budget)
+            .and_then(|b| match b.budget {
+                Budget::Tokens(n) => Some(n as f64),
+                Budget::Chinchilla(m) => Some(m * CHINCHILLA_TOKENS_PER_PARAM * n_params),
+                Budget::Steps(_) => None,
+            });
+        out.push(RunResult {
+            id: run.id.clone(),
+            coords: run.coords.clone(),
+            state: state_name.into(),
+            steps: lines.last().map_or(0, |l| l.step),
+            final_loss,
+            steps_to_target: Vec::new(),
+            evals,
+            seconds_per_step: summary.map(|s| s.timing.seconds_per_step),
+            n_params,
+            budget_tokens,
+        });
+    }
+    Ok(out)
+}
+
+fn resolve_targets(plan: &Plan, runs: &[RunResult], scenarios: &[String]) -> Vec<TargetValue> {
+    let mut out = Vec::new();
+    for &l in &plan.spec.targets.loss {
+        out.push(TargetValue {
+            name: format!("loss {l}"),
+            values: scenarios.iter().map(|s| (s.clone(), l)).collect(),
+        });
+    }
+    for r in &plan.spec.targets.reference {
+        let at = match (r.step, r.tokens) {
+            (Some(s), _) => format!(" at step {s}"),
+            (None, Some(t)) => format!(" at {t} tokens"),
+            _ => String::new(),
+        };
+        let mut values = BTreeMap::new();
+        for s in scenarios {
+            let reached = runs
+                .iter()
+                .filter(|x| {
+                    x.state == "finished"
+                        && x.coords.optimizer == r.optimizer
+                        && x.coords.batch_size == r.batch_size
+                        && &x.coords.scenario() == s
+                })
+                .filter_map(|x| {
+                    x.evals
+                        .iter()
+                        .filter(|e| {
+                            r.step.is_none_or(|st| e.step <= st)
+                                && r.tokens.is_none_or(|t| e.tokens <= t)
+                        })
+                        .max_by_key(|e| e.step)
+                        .map(|e| e.loss)
+                })
+                .filter(|l| l.is_finite())
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+            if let Some(v) = reached {
+                values.insert(s.clone(), v);
+            }
+        }
+        out.push(TargetValue {
+            name: format!("{} at B={}{at}", r.optimizer, r.batch_size),
+            values,
+        });
+    }
+    out
+}
+
+/// Builds the report of `plan` from its run directories (finished and diverged runs).
+pub fn build(plan: &Plan) -> Result<SweepReport> {
+    let spec = &plan.spec;
+    let mut runs = gather(plan)?;
+    let mut scenarios: Vec<String> = Vec::new();
+    for r in &plan.runs {
+        let s = r.coords.scenario();
+        if !scenarios.contains(&s) {
+            scenarios.push(s);
+        }
+    }
+    let optimizers: Vec<String> = spec.optimizers.iter().map(|o| o.label.clone()).collect();
+    let targets = resolve_targets(plan, &runs, &scenarios);
+    let b0 = spec.b0();
+
+    // Steps to target per run and per cell.
+    for r in runs.iter_mut() {
+        let evals: Vec<Eval> = r
+            .evals
+            .iter()
+            .map(|e| Eval {
+                step: e.step,
+                loss: e.loss,
+            })
+            .collect();
+        r.steps_to_target = targets
+            .iter()
+            .map(|t| {
+                t.values
+                    .get(&r.coords.scenario())
+                    .and_then(|&v| analysis::first_step_below(&evals, v))
+            })
+            .collect();
+    }
+    let mut cells = Vec::new();
+    for (ti, t) in targets.iter().enumerate() {
+        for s in &scenarios {
+            let Some(&target) = t.values.get(s) else {
+                continue;
+            };
+            for o in &optimizers {
+                for &b in &spec.batch_sizes {
+                    let members: Vec<&RunResult> = runs
+                        .iter()
+                        .filter(|r| {
+                            r.counted()
+                                && &r.coords.optimizer == o
+                                && r.coords.batch_size == b
+                                && &r.coords.scenario() == s
+                        })
+                        .collect();
+                    let evals: Vec<Vec<Eval>> = members
+                        .iter()
+                        .map(|r| {
+                            r.evals
+                                .iter()
+                                .map(|e| Eval {
+                                    step: e.step,
+                                    loss: e.loss,
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let reached =
+                        analysis::steps_to_target(evals.iter().map(|e| e.as_slice()), target)?;
+                    if let Some(reached) = reached {
+                        let run = members[reached.run];
+                        let tokens = run
+                            .evals
+                            .iter()
+                            .find(|e| e.step == reached.steps)
+                            .map_or(0, |e| e.tokens);
+                        cells.push(CellResult {
+                            target: ti,
+                            scenario: s.clone(),
+                            optimizer: o.clone(),
+                            batch_size: b,
+                            steps: reached.steps,
+                            tokens,
+                            lr: run.coords.lr,
+                            run: run.id.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    // Learning rates.
+    let mut optimal_lr = Vec::new();
+    let mut lr_curves = Vec::new();
+    for s in &scenarios {
+        for o in &optimizers {
+            for &b in &spec.batch_sizes {
+                let members: Vec<&RunResult> = runs
+                    .iter()
+                    .filter(|r| {
+                        r.counted()
+                            && &r.coords.optimizer == o
+                            && r.coords.batch_size == b
+                            && &r.coords.scenario() == s
+                    })
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let mut by_lr: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+                for r in &members {
+                    let l = r.final_loss.unwrap_or(f64::INFINITY);
+                    let e = by_lr.entry(r.coords.lr.to_bits()).or_insert((r.coords.lr, l));
+                    e.1 = e.1.min(l);
+                }
+                let mut points: Vec<(f64, f64)> = by_lr.into_values().collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                lr_curves.push(LrCurve {
+                    scenario: s.clone(),
+                    optimizer: o.clone(),
+                    batch_size: b,
+                    points,
+                });
+                if let Some(best) = members
+                    .iter()
+                    .filter(|r| r.final_loss.is_some_and(f64::is_finite))
+                    .min_by(|a, b| a.final_loss.unwrap().total_cmp(&b.final_loss.unwrap()))
+                {
+                    optimal_lr.push(BestLr {
+                        scenario: s.clone(),
+                        optimizer: o.clone(),
+                        batch_size: b,
+                        lr: best.coords.lr,
+                        final_loss: best.final_loss.unwrap_or(f64::NAN),
+                        run: best.id.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    // Fits.
+    let mut cbs = Vec::new();
+    let mut failures = Vec::new();
+    let mut power_laws = Vec::new();
+    let many = scenarios.len() > 1;
+    for ti in 0..targets.len() {
+        for o in &optimizers {
+            let mut rows = Vec::new();
+            for s in &scenarios {
+                let group = group_name(o, s, many);
+                let points: Vec<(f64, f64)> = cells
+                    .iter()
+                    .filter(|c| c.target == ti && &c.optimizer == o && &c.scenario == s)
+                    .map(|c| (c.batch_size as f64, c.steps as f64))
+                    .collect();
+                match fit_cbs(&group, &points, b0) {
+                    Ok(fit) => {
+                        cbs.push(GroupCbs {
+                            target: ti,
+                            group: group.clone(),
+                            optimizer: o.clone(),
+                            scenario: s.clone(),
+                            a: fit.a,
+                            b: fit.b,
+                            b_star: fit.b_star,
+                            b_star_asymptotic: fit.b_star_asymptotic,
+                            rmse_log: fit.rmse_log,
+                            points: points.clone(),
+                        });
+                        let sample = runs.iter().find(|r| &r.coords.scenario() == s);
+                        for &(bs, st) in &points {
+                            rows.push(CbsRow {
+                                group: group.clone(),
+                                batch_size: bs,
+                                steps: st,
+                                n_params: (!spec.models.is_empty())
+                                    .then(|| sample.map(|r| r.n_params))
+                                    .flatten(),
+                                tokens: sample.and_then(|r| r.budget_tokens),
+                            });
+                        }
+                    }
+                    Err(e) => failures.push(FitFailure {
+                        target: ti,
+                        group,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            if rows.len() > 1 {
+                if let Ok(rep) = analysis::analyze(&rows, b0) {
+                    if rep.power_laws.n_params.is_some() || rep.power_laws.tokens.is_some() {
+                        power_laws.push(OptimizerLaws {
+                            target: ti,
+                            optimizer: o.clone(),
+                            n_params: rep.power_laws.n_params,
+                            tokens: rep.power_laws.tokens,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    // Timing.
+    let mut timing = Vec::new();
+    for s in &scenarios {
+        for o in &optimizers {
+            for &b in &spec.batch_sizes {
+                let t: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| {
+                        &r.coords.optimizer == o
+                            && r.coords.batch_size == b
+                            && &r.coords.scenario() == s
+                    })
+                    .filter_map(|r| r.seconds_per_step)
+                    .collect();
+                if !t.is_empty() {
+                    timing.push(StepTime {
+                        scenario: s.clone(),
+                        optimizer: o.clone(),
+                        batch_size: b,
+                        seconds_per_step: t.iter().sum::<f64>() / t.len() as f64,
+                    });
+                }
+            }
+        }
+    }
+
+    let counts = Counts {
+        planned: runs.len(),
+        finished: runs.iter().filter(|r| r.state == "finished").count(),
+        diverged: runs.iter().filter(|r| r.state == "diverged").count(),
+        missing: runs.iter().filter(|r| !r.counted()).count(),
+    };
+    Ok(SweepReport {
+        sweep: spec.name.clone(),
+        metric: spec.report.metric,
+        b0,
+        runs: counts,
+        targets,
+        steps_to_target: cells,
+        optimal_lr,
+        lr_curves,
+        cbs,
+        cbs_failures: failures,
+        power_laws,
+        run_results: runs,
+        timing,
+    })
+}
+
+fn group_name(optimizer: &str, scenario: &str, many: bool) -> String {
+    if many && !scenario.is_empty() {
+        format!("{optimizer}/{scenario}")
+    } else {
+        optimizer.to_string()
+    }
+}
+
+/// A file-name-safe form of a label.
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "inf".into()
+    }
+}
+
+fn opt_num(x: Option<f64>) -> String {
+    x.map(num).unwrap_or_default()
+}
+
+/// Writes the report files into `dir`: `report.md`, `report.json`, the CSVs and the plots
+/// (`plots/`). Returns every path written.
+pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let mut written = Vec::new();
+    let put = |name: &str, text: String, written: &mut Vec<PathBuf>| -> Result<()> {
+        let p = dir.join(name);
+        write_atomic(&p, text.as_bytes())?;
+        written.push(p);
+        Ok(())
+    };
+    // serde_json writes non-finite numbers (diverged runs' losses) as null.
+    let mut json = serde_json::to_string_pretty(report)
+        .map_err(|e| Error::file(dir.join("report.json"), e))?;
+    json.push('\n');
+    put("report.json", json, &mut written)?;
+
+    // The CSVs `cbs fit` reads, one per target.
+    let with_n = !plan.spec.models.is_empty();
+    let with_d = report.run_results.iter().any(|r| r.budget_tokens.is_some());
+    for (ti, _) in report.targets.iter().enumerate() {
+        let mut csv = String::from("group,batch_size,steps");
+        if with_n {
+            csv += ",n_params";
+        }
+        if with_d {
+            csv += ",tokens";
+        }
+        csv += "\n";
+        let many = report
+            .targets
+            .get(ti)
+            .is_some_and(|t| t.values.len() > 1);
+        for c in report.steps_to_target.iter().filter(|c| c.target == ti) {
+            let _ = write!(
+                csv,
+                "{},{},{}",
+                csv_field(&group_name(&c.optimizer, &c.scenario, many)),
+                c.batch_size,
+                c.steps
+            );
+            let sample = report
+                .run_results
+                .iter()
+                .find(|r| r.id == c.run)
+                .expect("cell run is a sweep run");
+            if with_n {
+                let _ = write!(csv, ",{}", sample.n_params);
+            }
+            if with_d {
+                let _ = write!(csv, ",{}", opt_num(sample.budget_tokens));
+            }
+            csv += "\n";
+        }
+        put(&steps_csv_name(ti), csv, &mut written)?;
+    }
+    let mut csv = String::from("target,scenario,optimizer,batch_size,steps,tokens,lr,run\n");
+    for c in &report.steps_to_target {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{}",
+            c.target,
+            csv_field(&c.scenario),
+            csv_field(&c.optimizer),
+            c.batch_size,
+            c.steps,
+            c.tokens,
+            c.lr,
+            c.run
+        );
+    }
+    put("steps_to_target_detail.csv", csv, &mut written)?;
+    let mut csv = String::from("scenario,optimizer,batch_size,lr,final_loss,run\n");
+    for b in &report.optimal_lr {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{}",
+            csv_field(&b.scenario),
+            csv_field(&b.optimizer),
+            b.batch_size,
+            b.lr,
+            num(b.final_loss),
+            b.run
+        );
+    }
+    put("optimal_lr.csv", csv, &mut written)?;
+    let mut csv = String::from("scenario,optimizer,batch_size,lr,final_loss\n");
+    for c in &report.lr_curves {
+        for &(lr, l) in &c.points {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{}",
+                csv_field(&c.scenario),
+                csv_field(&c.optimizer),
+                c.batch_size,
+                lr,
+                num(l)
+            );
+        }
+    }
+    put("lr_curves.csv", csv, &mut written)?;
+    let mut csv =
+        String::from("target,group,a,b,b_star,b_star_asymptotic,rmse_log,n_points\n");
+    for g in &report.cbs {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{}",
+            g.target,
+            csv_field(&g.group),
+            g.a,
+            g.b,
+            g.b_star,
+            g.b_star_asymptotic,
+            g.rmse_log,
+            g.points.len()
+        );
+    }
+    put("cbs_fit.csv", csv, &mut written)?;
+    let set_keys: BTreeSet<&String> = report
+        .run_results
+        .iter()
+        .flat_map(|r| r.coords.set.keys())
+        .collect();
+    let mut csv = String::from("id,optimizer,scenario,batch_size,lr,seed");
+    for k in &set_keys {
+        let _ = write!(csv, ",{}", csv_field(k));
+    }
+    csv += ",state,steps,final_loss";
+    for ti in 0..report.targets.len() {
+        let _ = write!(csv, ",steps_to_target_{ti}");
+    }
+    csv += "\n";
+    for r in &report.run_results {
+        let _ = write!(
+            csv,
+            "{},{},{},{},{},{}",
+            r.id,
+            csv_field(&r.coords.optimizer),
+            csv_field(&r.coords.scenario()),
+            r.coords.batch_size,
+            r.coords.lr,
+            r.coords.seed
+        );
+        for k in &set_keys {
+            let v = r.coords.set.get(*k).cloned().unwrap_or_default();
+            let _ = write!(csv, ",{}", csv_field(&v));
+        }
+        let _ = write!(csv, ",{},{},{}", r.state, r.steps, opt_num(r.final_loss));
+        for s in &r.steps_to_target {
+            let _ = write!(csv, ",{}", s.map(|x| x.to_string()).unwrap_or_default());
+        }
+        csv += "\n";
+    }
+    put("runs.csv", csv, &mut written)?;
+
+    let plot_paths = write_plots(report, plan, &dir.join("plots"))?;
+    let md = markdown(report, plan, dir, &plot_paths);
+    put("report.md", md, &mut written)?;
+    written.extend(plot_paths);
+    Ok(written)
+}
+
+/// The name of the `cbs fit` CSV of target `ti`.
+pub fn steps_csv_name(ti: usize) -> String {
+    if ti == 0 {
+        "steps_to_target.csv".into()
+    } else {
+        format!("steps_to_target_{ti}.csv")
+    }
+}
+
+fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let spec = &plan.spec;
+    let scenarios: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for r in &report.run_results {
+            let s = r.coords.scenario();
+            if !v.contains(&s) {
+                v.push(s);
+            }
+        }
+        v
+    };
+    let many = scenarios.len() > 1;
+    let both = |stem: String, out: &mut Vec<PathBuf>, f: &dyn Fn(&Path) -> Result<()>| {
+        for ext in ["png", "svg"] {
+            let p = dir.join(format!("{stem}.{ext}"));
+            f(&p)?;
+            out.push(p);
+        }
+        Ok::<(), Error>(())
+    };
+
+    // Steps to target with the fit, per target.
+    for (ti, t) in report.targets.iter().enumerate() {
+        let series: Vec<StepsSeries> = report
+            .cbs
+            .iter()
+            .filter(|g| g.target == ti)
+            .map(|g| StepsSeries {
+                label: g.group.clone(),
+                points: g.points.clone(),
+                fit: Some(analysis::CbsFit {
+                    a: g.a,
+                    b: g.b,
+                    b0: report.b0,
+                    b_star: g.b_star,
+                    b_star_asymptotic: g.b_star_asymptotic,
+                    rmse_log: g.rmse_log,
+                    n_points: g.points.len(),
+                }),
+            })
+            .chain(
+                // Groups without a fit still show their points.
+                report
+                    .cbs_failures
+                    .iter()
+                    .filter(|f| f.target == ti)
+                    .map(|f| StepsSeries {
+                        label: format!("{} (no fit)", f.group),
+                        points: report
+                            .steps_to_target
+                            .iter()
+                            .filter(|c| {
+                                c.target == ti
+                                    && group_name(&c.optimizer, &c.scenario, many) == f.group
+                            })
+                            .map(|c| (c.batch_size as f64, c.steps as f64))
+                            .collect(),
+                        fit: None,
+                    }),
+            )
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let suffix = if ti == 0 {
+            String::new()
+        } else {
+            format!("_{ti}")
+        };
+        let mut data = StepsToTargetPlot {
+            title: format!(
+                "{}: steps to target ({}) vs batch size, B0 = {}",
+                spec.name, t.name, report.b0
+            ),
+            series,
+            layout: Layout::Overlaid,
+        };
+        both(format!("steps_to_target{suffix}"), &mut out, &|p| {
+            plots::plot_steps_to_target(&data, p)
+        })?;
+        if data.series.len() > 1 {
+            data.layout = Layout::Panels;
+            both(format!("steps_to_target_panels{suffix}"), &mut out, &|p| {
+                plots::plot_steps_to_target(&data, p)
+            })?;
+        }
+    }
+
+    for s in &scenarios {
+        let target = report.targets.first().and_then(|t| t.values.get(s).copied());
+        let sc = if many {
+            format!("_{}", slug(s))
+        } else {
+            String::new()
+        };
+        for o in &spec.optimizers {
+            // Loss curves: the best-lr run at each batch size.
+            let curves: Vec<LossCurve> = report
+                .optimal_lr
+                .iter()
+                .filter(|b| &b.scenario == s && b.optimizer == o.label)
+                .filter_map(|b| {
+                    let r = report.run_results.iter().find(|r| r.id == b.run)?;
+                    Some(LossCurve {
+                        label: format!("B = {} (lr {})", b.batch_size, fmt_g(b.lr)),
+                        points: r
+                            .evals
+                            .iter()
+                            .filter(|e| e.step > 0)
+                            .map(|e| LossPoint {
+                                step: e.step as f64,
+                                tokens: e.tokens as f64,
+                                loss: e.loss,
+                            })
+                            .collect(),
+                    })
+                })
+                .collect();
+            if !curves.is_empty() {
+                let data = LossCurves {
+                    title: format!("{} {}: eval loss, best lr per batch size", o.label, s),
+                    curves,
+                    target,
+                    log_x: true,
+                };
+                let stem = slug(&o.label);
+                both(format!("loss_steps_{stem}{sc}"), &mut out, &|p| {
+                    plots::plot_loss_curves(&data, LossAxis::Steps, p)
+                })?;
+                both(format!("loss_tokens_{stem}{sc}"), &mut out, &|p| {
+                    plots::plot_loss_curves(&data, LossAxis::Tokens, p)
+                })?;
+            }
+            // Final loss vs lr, one line per batch size, aligned at each optimum.
+            let series: Vec<LrSeries> = report
+                .lr_curves
+                .iter()
+                .filter(|c| &c.scenario == s && c.optimizer == o.label)
+                .map(|c| LrSeries {
+                    label: format!("B = {}", c.batch_size),
+                    points: c.points.clone(),
+                })
+                .collect();
+            if series.iter().any(|x| x.points.len() > 1) {
+                let data = LrSensitivityPlot {
+                    title: format!("{} {}: final loss vs lr / best lr", o.label, s),
+                    series,
+                    max_loss: None,
+                };
+                both(format!("lr_{}{sc}", slug(&o.label)), &mut out, &|p| {
+                    plots::plot_lr_sensitivity(&data, p)
+                })?;
+            }
+        }
+        // Optimizers compared at each batch size.
+        if spec.optimizers.len() > 1 {
+            for &b in &spec.batch_sizes {
+                let series: Vec<LrSeries> = report
+                    .lr_curves
+                    .iter()
+                    .filter(|c| &c.scenario == s && c.batch_size == b)
+                    .map(|c| LrSeries {
+                        label: c.optimizer.clone(),
+                        points: c.points.clone(),
+                    })
+                    .collect();
+                if series.iter().any(|x| x.points.len() > 1) {
+                    let data = LrSensitivityPlot {
+                        title: format!("B = {b} {s}: final loss vs lr / best lr"),
+                        series,
+                        max_loss: None,
+                    };
+                    both(format!("lr_B{b}{sc}"), &mut out, &|p| {
+                        plots::plot_lr_sensitivity(&data, p)
+                    })?;
+                }
+            }
+        }
+    }
+
+    // B* against model and data size.
+    for law in &report.power_laws {
+        type Pick = fn(&RunResult) -> Option<f64>;
+        let axes: [(&str, &str, Option<PowerLaw>, Pick); 2] = [
+            ("n_params", "non-embedding parameters N", law.n_params, |r| {
+                Some(r.n_params)
+            }),
+            ("tokens", "training tokens D", law.tokens, |r| r.budget_tokens),
+        ];
+        for (key, label, fit, pick) in axes {
+            let Some(fit) = fit else { continue };
+            let points: Vec<ScalingPoint> = report
+                .cbs
+                .iter()
+                .filter(|g| g.target == law.target && g.optimizer == law.optimizer)
+                .filter_map(|g| {
+                    let r = report
+                        .run_results
+                        .iter()
+                        .find(|r| r.coords.scenario() == g.scenario)?;
+                    Some(ScalingPoint {
+                        label: g.scenario.clone(),
+                        x: pick(r)?,
+                        b_star: g.b_star,
+                    })
+                })
+                .collect();
+            let data = BStarScalingPlot {
+                title: format!("{}: B* vs {key}", law.optimizer),
+                x_label: label.into(),
+                points,
+                fit: Some(fit),
+            };
+            let suffix = if law.target == 0 {
+                String::new()
+            } else {
+                format!("_{}", law.target)
+            };
+            both(
+                format!("bstar_{}_{key}{suffix}", slug(&law.optimizer)),
+                &mut out,
+                &|p| plots::plot_b_star_scaling(&data, p),
+            )?;
+        }
+    }
+    Ok(out)
+}
+
+fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) -> String {
+    let spec = &plan.spec;
+    let mut md = String::new();
+    let c = &report.runs;
+    let _ = writeln!(md, "# Sweep `{}`\n", report.sweep);
+    let _ = writeln!(
+        md,
+        "Runs: {} planned, {} finished, {} diverged, {} not finished{}. Loss: {} evaluation \
+         loss. B* = 1.2·B0 + b/(5a) with B0 = {}.\n",
+        c.planned,
+        c.finished,
+        c.diverged,
+        c.missing,
+        if c.missing > 0 {
+            " (this report is partial)"
+        } else {
+            ""
+        },
+        match report.metric {
+            Metric::Raw => "raw",
+            Metric::Ewa => "best-EWA",
+            Metric::Best => "lowest of raw and EWA",
+        },
+        report.b0
+    );
+    let _ = writeln!(md, "## Targets\n\n| # | target | scenario | loss |\n|---|---|---|---|");
+    for (i, t) in report.targets.iter().enumerate() {
+        if t.values.is_empty() {
+            let _ = writeln!(md, "| {i} | {} | | (reference runs not finished) |", t.name);
+        }
+        for (s, v) in &t.values {
+            let _ = writeln!(md, "| {i} | {} | {s} | {v:.4} |", t.name);
+        }
+    }
+    let scenarios: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for r in &report.run_results {
+            let s = r.coords.scenario();
+            if !v.contains(&s) {
+                v.push(s);
+            }
+        }
+        v
+    };
+    for (ti, t) in report.targets.iter().enumerate() {
+        for s in &scenarios {
+            let _ = writeln!(
+                md,
+                "\n## Steps to target {ti} ({}){}\n",
+                t.name,
+                if s.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {s}")
+                }
+            );
+            let mut head = String::from("| batch size |");
+            let mut sep = String::from("|---|");
+            for o in &spec.optimizers {
+                let _ = write!(head, " {0} steps | {0} tokens | {0} lr |", o.label);
+                sep += "---|---|---|";
+            }
+            let _ = writeln!(md, "{head}\n{sep}");
+            for &b in &spec.batch_sizes {
+                let mut row = format!("| {b} |");
+                for o in &spec.optimizers {
+                    match report.steps_to_target.iter().find(|c| {
+                        c.target == ti
+                            && &c.scenario == s
+                            && c.optimizer == o.label
+                            && c.batch_size == b
+                    }) {
+                        Some(c) => {
+                            let _ = write!(row, " {} | {} | {} |", c.steps, c.tokens, fmt_g(c.lr));
+                        }
+                        None => row += " not reached | | |",
+                    }
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n## Critical batch size\n\nS(B) = a + b/B fitted on log S (the CBS paper's fit).\n\n\
+         | target | group | a | b | B* | b/(5a) | rmse(ln S) | points |\n|---|---|---|---|---|---|---|---|"
+    );
+    for g in &report.cbs {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} | {:.4} | {:.2} | {:.2} | {:.4} | {} |",
+            g.target,
+            g.group,
+            g.a,
+            g.b,
+            g.b_star,
+            g.b_star_asymptotic,
+            g.rmse_log,
+            g.points.len()
+        );
+    }
+    for f in &report.cbs_failures {
+        let _ = writeln!(md, "\nNo fit for target {} `{}`: {}", f.target, f.group, f.reason);
+    }
+    for l in &report.power_laws {
+        for (key, law) in [("N", l.n_params), ("D", l.tokens)] {
+            if let Some(p) = law {
+                let _ = writeln!(
+                    md,
+                    "\nTarget {} {}: B* = {:.4}·{key}^{:.4}",
+                    l.target, l.optimizer, p.coef, p.exponent
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n## Optimal learning rate per batch size\n\nThe lr with the lowest final loss.\n"
+    );
+    let mut head = String::from("| scenario | batch size |");
+    let mut sep = String::from("|---|---|");
+    for o in &spec.optimizers {
+        let _ = write!(head, " {0} lr | {0} final loss |", o.label);
+        sep += "---|---|";
+    }
+    let _ = writeln!(md, "{head}\n{sep}");
+    for s in &scenarios {
+        for &b in &spec.batch_sizes {
+            let mut row = format!("| {s} | {b} |");
+            for o in &spec.optimizers {
+                match report
+                    .optimal_lr
+                    .iter()
+                    .find(|x| &x.scenario == s && x.optimizer == o.label && x.batch_size == b)
+                {
+                    Some(x) => {
+                        let _ = write!(row, " {} | {:.4} |", fmt_g(x.lr), x.final_loss);
+                    }
+                    None => row += " | |",
+                }
+            }
+            let _ = writeln!(md, "{row}");
+        }
+    }
+    let _ = writeln!(md, "\n## Final loss vs learning rate\n");
+    for s in &scenarios {
+        for o in &spec.optimizers {
+            let lrs: Vec<f64> = o.lr.iter().copied().collect::<Vec<_>>();
+            let mut lrs = lrs;
+            lrs.sort_by(f64::total_cmp);
+            let _ = writeln!(
+                md,
+                "{} {}\n\n| batch size |{}\n|---|{}",
+                o.label,
+                s,
+                lrs.iter().map(|l| format!(" lr {} |", fmt_g(*l))).collect::<String>(),
+                "---|".repeat(lrs.len())
+            );
+            for &b in &spec.batch_sizes {
+                let Some(curve) = report.lr_curves.iter().find(|c| {
+                    &c.scenario == s && c.optimizer == o.label && c.batch_size == b
+                }) else {
+                    continue;
+                };
+                let mut row = format!("| {b} |");
+                for l in &lrs {
+                    match curve.points.iter().find(|p| p.0 == *l) {
+                        Some((_, x)) if x.is_finite() => {
+                            let _ = write!(row, " {x:.4} |");
+                        }
+                        Some(_) => row += " diverged |",
+                        None => row += " |",
+                    }
+                }
+                let _ = writeln!(md, "{row}");
+            }
+            md += "\n";
+        }
+    }
+    if !report.timing.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Time per step\n\nMean wall-clock seconds per training step (this machine, \
+             while it ran; evaluation excluded).\n"
+        );
+        let mut head = String::from("| scenario | batch size |");
+        let mut sep = String::from("|---|---|");
+        for o in &spec.optimizers {
+            let _ = write!(head, " {} |", o.label);
+            sep += "---|";
+        }
+        let _ = writeln!(md, "{head}\n{sep}");
+        for s in &scenarios {
+            for &b in &spec.batch_sizes {
+                let mut row = format!("| {s} | {b} |");
+                for o in &spec.optimizers {
+                    match report
+                        .timing
+                        .iter()
+                        .find(|t| &t.scenario == s && t.optimizer == o.label && t.batch_size == b)
+                    {
+                        Some(t) => {
+                            let _ = write!(row, " {:.4} |", t.seconds_per_step);
+                        }
+                        None => row += " |",
+                    }
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+    }
+    let not_counted: Vec<&RunResult> = report
+        .run_results
+        .iter()
+        .filter(|r| r.state != "finished")
+        .collect();
+    if !not_counted.is_empty() {
+        let _ = writeln!(md, "\n## Runs not finished\n");
+        for r in not_counted {
+            let _ = writeln!(md, "- `{}` {}: {}", r.id, r.coords.describe(), r.state);
+        }
+    }
+    let _ = writeln!(md, "\n## Files\n");
+    for p in plots.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
+        let rel = p.strip_prefix(dir).unwrap_or(p);
+        let _ = writeln!(md, "- [{0}]({0})", rel.display());
+    }
+    md
+}
+
+/// The short table printed at the end of `sweep report`: steps to the first target and the fits.
+pub fn console_table(report: &SweepReport, plan: &Plan) -> String {
+    let spec = &plan.spec;
+    let mut out = String::new();
+    let Some(t) = report.targets.first() else {
+        return "no targets: give [targets] loss or reference to get steps to target\n".into();
+    };
+    let _ = writeln!(
+        out,
+        "runs: {} finished, {} diverged, {} not finished (of {})",
+        report.runs.finished, report.runs.diverged, report.runs.missing, report.runs.planned
+    );
+    for (s, v) in &t.values {
+        let _ = writeln!(out, "target 0 ({}){}: loss {v:.4}", t.name, if s.is_empty() { String::new() } else { format!(" [{s}]") });
+    }
+    let mut scenarios: Vec<String> = t.values.keys().cloned().collect();
+    scenarios.dedup();
+    for s in &scenarios {
+        let _ = write!(out, "\nsteps to target{}\n{:>10}", if s.is_empty() { String::new() } else { format!(" [{s}]") }, "batch");
+        for o in &spec.optimizers {
+            let _ = write!(out, " {:>14}", o.label);
+        }
+        out += "\n";
+        for &b in &spec.batch_sizes {
+            let _ = write!(out, "{b:>10}");
+            for o in &spec.optimizers {
+                let cell = report.steps_to_target.iter().find(|c| {
+                    c.target == 0 && &c.scenario == s && c.optimizer == o.label && c.batch_size == b
+                });
+                let text = cell.map_or("-".to_string(), |c| format!("{} (lr {})", c.steps, fmt_g(c.lr)));
+                let _ = write!(out, " {text:>14}");
+            }
+            out += "\n";
+        }
+    }
+    let _ = writeln!(out, "\ncritical batch size (B0 = {}):", report.b0);
+    for g in report.cbs.iter().filter(|g| g.target == 0) {
+        let _ = writeln!(
+            out,
+            "  {:<16} a = {:>9.2}  b = {:>10.2}  B* = {:>8.2}  b/(5a) = {:>8.2}",
+            g.group, g.a, g.b, g.b_star, g.b_star_asymptotic
+        );
+    }
+    for f in report.cbs_failures.iter().filter(|f| f.target == 0) {
+        let _ = writeln!(out, "  {:<16} no fit: {}", f.group, f.reason);
+    }
+    out
+}
