@@ -74,7 +74,8 @@ status=0
 echo "## Kernels against their CPU twins" >>"$log"
 echo '```' >>"$log"
 # RUST_BACKTRACE is off so a failure prints its message, not pages of frames.
-RUST_BACKTRACE=0 timeout 300 "$bin" --test-threads=1 2>&1 | tee -a "$log" || status=1
+# --nocapture so that a skipped test's "SKIP: no CUDA device" line reaches the log.
+RUST_BACKTRACE=0 timeout 300 "$bin" --test-threads=1 --nocapture 2>&1 | tee -a "$log" || status=1
 echo '```' >>"$log"
 if grep -q "SKIP: no CUDA device" "$log"; then
   echo "gpu-check: the tests skipped: no CUDA device was usable" | tee -a "$log" >&2
