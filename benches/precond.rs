@@ -46,16 +46,20 @@ fn bench_steps(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(500));
     for &(rows, cols) in SHAPES {
         for (label, config) in configs() {
-            let w = Var::from_tensor(&Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).unwrap())
-                .unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).unwrap())
+                    .unwrap();
             let grads: Vec<BTreeMap<String, Tensor>> = (0..STEPS_PER_ITER)
                 .map(|_| {
                     let g = Tensor::randn(0f32, 1e-2, (rows, cols), &Device::Cpu).unwrap();
                     BTreeMap::from([("w".to_string(), g)])
                 })
                 .collect();
-            let mut opt =
-                Driver::new(config, NamedParams::new(vec![("w".to_string(), w)]).unwrap()).unwrap();
+            let mut opt = Driver::new(
+                config,
+                NamedParams::new(vec![("w".to_string(), w)]).unwrap(),
+            )
+            .unwrap();
             // Past the first (basis-building / grafting-only) steps.
             for g in &grads {
                 opt.step_named(g).unwrap();

@@ -660,7 +660,10 @@ impl SweepSpec {
         }
         for (i, &b) in batch_sizes.iter().enumerate() {
             if b == 0 {
-                return Err(Error::config(format!("axes.batch_size[{i}]"), "must be >= 1"));
+                return Err(Error::config(
+                    format!("axes.batch_size[{i}]"),
+                    "must be >= 1",
+                ));
             }
         }
         check_distinct("axes.batch_size", &batch_sizes)?;
@@ -794,9 +797,7 @@ impl SweepSpec {
 
     /// The reference batch size of the critical-batch-size fit.
     pub fn b0(&self) -> f64 {
-        self.report
-            .b0
-            .unwrap_or_else(|| self.batch_sizes[0] as f64)
+        self.report.b0.unwrap_or_else(|| self.batch_sizes[0] as f64)
     }
 
     /// Expands the sweep into its runs (see the module docs); every run config is validated,
@@ -833,9 +834,7 @@ impl SweepSpec {
                                         lr,
                                         seed,
                                         model: model.map(|m| m.label.clone()).unwrap_or_default(),
-                                        budget: budget
-                                            .map(|b| b.label.clone())
-                                            .unwrap_or_default(),
+                                        budget: budget.map(|b| b.label.clone()).unwrap_or_default(),
                                         set: axes
                                             .iter()
                                             .zip(&combo)
@@ -844,14 +843,7 @@ impl SweepSpec {
                                     };
                                     let config = self
                                         .resolve(
-                                            *model,
-                                            *budget,
-                                            opt,
-                                            batch,
-                                            lr,
-                                            seed,
-                                            &axes,
-                                            &combo,
+                                            *model, *budget, opt, batch, lr, seed, &axes, &combo,
                                         )
                                         .map_err(|e| in_run(e, &coords))?;
                                     let id = run_id(&config)?;
@@ -1140,7 +1132,12 @@ fn set_in_table(t: &mut toml::Table, keys: &[&str], value: toml::Value, path: &s
     set_in_value(slot, rest, value, path)
 }
 
-fn set_in_value(slot: &mut toml::Value, keys: &[&str], value: toml::Value, path: &str) -> Result<()> {
+fn set_in_value(
+    slot: &mut toml::Value,
+    keys: &[&str],
+    value: toml::Value,
+    path: &str,
+) -> Result<()> {
     match slot {
         toml::Value::Table(t) => set_in_table(t, keys, value, path),
         toml::Value::Array(items) => {
@@ -1430,12 +1427,7 @@ fn parse_points(field: &str, v: toml::Value) -> Result<(Vec<(f64, f64)>, bool)> 
         let f = format!("{field}[{i}]");
         let pair = match item {
             toml::Value::Array(p) if p.len() == 2 => p,
-            _ => {
-                return Err(Error::config(
-                    &f,
-                    "must be a [batch_size, value] pair",
-                ))
-            }
+            _ => return Err(Error::config(&f, "must be a [batch_size, value] pair")),
         };
         let b = number(&format!("{f}[0]"), &pair[0])?;
         crate::error::check::positive(&format!("{f}[0]"), b)?;
@@ -1459,7 +1451,11 @@ fn parse_points(field: &str, v: toml::Value) -> Result<(Vec<(f64, f64)>, bool)> 
 }
 
 fn cbs_points(values: &[f64; 9]) -> Vec<(f64, f64)> {
-    CBS_TABLE_BATCH.iter().copied().zip(values.iter().copied()).collect()
+    CBS_TABLE_BATCH
+        .iter()
+        .copied()
+        .zip(values.iter().copied())
+        .collect()
 }
 
 fn parse_rule(field: &str, item: toml::Value, labels: &[&String]) -> Result<Rule> {
@@ -1528,8 +1524,8 @@ fn parse_rule(field: &str, item: toml::Value, labels: &[&String]) -> Result<Rule
             } else {
                 "ewa.taus"
             };
-            let field_path = take_str(&mut t, field, "field")?
-                .unwrap_or_else(|| default_field.to_string());
+            let field_path =
+                take_str(&mut t, field, "field")?.unwrap_or_else(|| default_field.to_string());
             check_path(&f("field"), &field_path)?;
             RuleKind::Table {
                 as_list: field_path == "ewa.taus",
@@ -1592,13 +1588,11 @@ fn parse_rule(field: &str, item: toml::Value, labels: &[&String]) -> Result<Rule
         }
         "precondition_frequency" => {
             no_unknown(&t, field, &["reference_batch", "reference_frequency"])?;
-            let rb = get_num(&mut t, "reference_batch")?.ok_or_else(|| {
-                Error::config(f("reference_batch"), "is missing")
-            })?;
+            let rb = get_num(&mut t, "reference_batch")?
+                .ok_or_else(|| Error::config(f("reference_batch"), "is missing"))?;
             crate::error::check::positive(&f("reference_batch"), rb)?;
-            let rf = get_num(&mut t, "reference_frequency")?.ok_or_else(|| {
-                Error::config(f("reference_frequency"), "is missing")
-            })?;
+            let rf = get_num(&mut t, "reference_frequency")?
+                .ok_or_else(|| Error::config(f("reference_frequency"), "is missing"))?;
             crate::error::check::positive(&f("reference_frequency"), rf)?;
             RuleKind::PreconditionFrequency {
                 reference_batch: rb,
