@@ -601,7 +601,9 @@ fn presets_parse_and_fit_the_embedded_corpus() {
         data.check_model(cfg.model.vocab_size(), context).unwrap();
         data.eval_batches(context, cfg.eval_batch_size(), cfg.eval.tokens)
             .unwrap();
-        let sampler = data.sampler(context, cfg.train.batch_size, cfg.seed).unwrap();
+        let sampler = data
+            .sampler(context, cfg.train.batch_size, cfg.seed)
+            .unwrap();
         let needed = cfg.total_steps() * cfg.batch_tokens();
         assert!(
             needed <= sampler.tokens_per_epoch(),
