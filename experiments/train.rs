@@ -13,6 +13,11 @@ use clap::Parser;
 use optlab::runner::{self, RunConfig, RunOptions};
 use optlab::{Error, Result};
 
+// Large activations are reused across steps instead of being mapped afresh (and page-faulted
+// in) at every step; see optlab::runner::alloc and results/throughput/README.md.
+#[global_allocator]
+static GLOBAL: runner::alloc::ReuseLargeBlocks = runner::alloc::ReuseLargeBlocks::new(8 << 30);
+
 /// Train a model with an optlab optimizer and write a self-describing run directory.
 #[derive(Parser)]
 #[command(version)]
@@ -70,6 +75,9 @@ fn run(args: &Args) -> Result<()> {
         dataset: None,
     };
     let report = runner::run(&config, &opts)?;
+    if std::env::var_os("OPTLAB_ALLOC_STATS").is_some() {
+        eprintln!("allocator: {:?}", GLOBAL.stats());
+    }
     match &report.summary {
         Some(s) => {
             let fmt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));

@@ -48,6 +48,7 @@
 //! `threads`, `checkpoint.interval` and the budget (`train.steps` / `train.tokens`, to extend a
 //! run); any other difference is an error listing the fields.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod env;
