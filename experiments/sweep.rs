@@ -168,8 +168,14 @@ fn plan_cmd(common: &Common, json: bool, show: Option<&str>) -> Result<()> {
                 print!("{}", r.config.to_toml()?);
                 Ok(())
             }
-            [] => Err(Error::config("--show", format!("no run id starts with `{id}`"))),
-            _ => Err(Error::config("--show", format!("`{id}` matches {} runs", found.len()))),
+            [] => Err(Error::config(
+                "--show",
+                format!("no run id starts with `{id}`"),
+            )),
+            _ => Err(Error::config(
+                "--show",
+                format!("`{id}` matches {} runs", found.len()),
+            )),
         };
     }
     let (progress, states) = exec::progress(&plan);
@@ -394,7 +400,8 @@ fn slurm_cmd(
         Some(o) => Path::new(o).parent().map(Path::to_path_buf),
         None => Some(plan.spec.runs_dir.join("slurm")),
     };
-    if let Some(l) = logs.filter(|l| !l.as_os_str().is_empty() && !l.to_string_lossy().contains('%'))
+    if let Some(l) =
+        logs.filter(|l| !l.as_os_str().is_empty() && !l.to_string_lossy().contains('%'))
     {
         std::fs::create_dir_all(&l).map_err(|e| Error::file(&l, e))?;
     }

@@ -232,7 +232,10 @@ fn plan_ids_are_stable_and_ignore_order_paths_and_threads() {
     // Reordered axis values and sections, other paths, threads and checkpointing: same ids.
     let shuffled = TINY
         .replace("batch_size = [2, 4, 8]", "batch_size = [8, 2, 4]")
-        .replace("name = \"tiny\"", "name = \"other\"\nruns_dir = \"elsewhere\"")
+        .replace(
+            "name = \"tiny\"",
+            "name = \"other\"\nruns_dir = \"elsewhere\"",
+        )
         .replace("threads = 1", "threads = 2")
         .replace("interval = 4", "interval = 7");
     assert_eq!(ids(&SweepSpec::parse(&shuffled).unwrap()), base);
@@ -363,7 +366,11 @@ fn kill_9_at_random_points_then_resume_gives_the_same_report() {
             locks.iter().all(|p| {
                 let id = p.file_name().unwrap().to_string_lossy();
                 let id = id.split(".lock").next().unwrap();
-                dir.path().join("runs").join(id).join("summary.json").is_file()
+                dir.path()
+                    .join("runs")
+                    .join(id)
+                    .join("summary.json")
+                    .is_file()
             }),
             "trial {trial}: lock files of unfinished runs left: {locks:?}"
         );
@@ -463,7 +470,10 @@ fn slurm_script_shards_cover_the_sweep_once() {
 #[test]
 fn report_csv_is_what_cbs_fit_reads() {
     let dir = setup(TINY);
-    ok(&sweep(&["run", "sweep.toml", "--runs", "runs", "--quiet"], dir.path()));
+    ok(&sweep(
+        &["run", "sweep.toml", "--runs", "runs", "--quiet"],
+        dir.path(),
+    ));
     ok(&sweep(
         &["report", "sweep.toml", "--runs", "runs", "--out", "rep"],
         dir.path(),
@@ -485,7 +495,13 @@ fn report_csv_is_what_cbs_fit_reads() {
     let from_csv: Vec<(f64, f64)> = rows.iter().map(|r| (r.batch_size, r.steps)).collect();
     assert_eq!(from_csv, cells);
     assert!(rows.iter().all(|r| r.group == "adamw"));
-    for f in ["report.md", "runs.csv", "optimal_lr.csv", "lr_curves.csv", "cbs_fit.csv"] {
+    for f in [
+        "report.md",
+        "runs.csv",
+        "optimal_lr.csv",
+        "lr_curves.csv",
+        "cbs_fit.csv",
+    ] {
         assert!(dir.path().join("rep").join(f).is_file(), "{f}");
     }
     assert!(dir.path().join("rep/plots/loss_steps_adamw.png").is_file());
@@ -496,21 +512,65 @@ fn report_csv_is_what_cbs_fit_reads() {
 fn malformed_sweep_files_name_the_field() {
     let cases: &[(&str, &str, &str)] = &[
         ("name = \"tiny\"", "name = \"a b\"", "`name`"),
-        ("batch_size = [2, 4, 8]", "batch_size = []", "`axes.batch_size`"),
-        ("batch_size = [2, 4, 8]", "batch_size = [2, 0]", "`axes.batch_size[1]`"),
-        ("batch_size = [2, 4, 8]", "batch_size = [2, 2]", "`axes.batch_size[1]`"),
-        ("batch_size = [2, 4, 8]", "batch_sizes = [2]", "`axes.batch_sizes`"),
+        (
+            "batch_size = [2, 4, 8]",
+            "batch_size = []",
+            "`axes.batch_size`",
+        ),
+        (
+            "batch_size = [2, 4, 8]",
+            "batch_size = [2, 0]",
+            "`axes.batch_size[1]`",
+        ),
+        (
+            "batch_size = [2, 4, 8]",
+            "batch_size = [2, 2]",
+            "`axes.batch_size[1]`",
+        ),
+        (
+            "batch_size = [2, 4, 8]",
+            "batch_sizes = [2]",
+            "`axes.batch_sizes`",
+        ),
         ("lr = [1e-2]", "lr = []", "`optimizers[0].lr`"),
         ("lr = [1e-2]", "lr = [-1.0]", "`optimizers[0].lr[0]`"),
         ("lr = [1e-2]", "lr = [\"x\"]", "`optimizers[0].lr[0]`"),
-        ("name = \"adamw\", betas", "name = \"adamz\", betas", "`optimizers[0].config.name`"),
-        ("betas = [0.9, 0.95] }", "betas = [0.9, 0.95], lr = 1.0 }", "`optimizers[0].config.lr`"),
-        ("[[optimizers]]\n", "[[optimizers]]\nlabels = \"x\"\n", "`optimizers[0].labels`"),
+        (
+            "name = \"adamw\", betas",
+            "name = \"adamz\", betas",
+            "`optimizers[0].config.name`",
+        ),
+        (
+            "betas = [0.9, 0.95] }",
+            "betas = [0.9, 0.95], lr = 1.0 }",
+            "`optimizers[0].config.lr`",
+        ),
+        (
+            "[[optimizers]]\n",
+            "[[optimizers]]\nlabels = \"x\"\n",
+            "`optimizers[0].labels`",
+        ),
         ("kind = \"beta2\"", "kind = \"beta3\"", "`rules[1].kind`"),
-        ("batch_scale = 64", "batch_scale = -1", "`rules[1].batch_scale`"),
-        ("points = [[2, 30], [8, 18]]", "points = [[2, 30], [2, 18]]", "`rules[0].points`"),
-        ("points = [[2, 30], [8, 18]]", "points = [[2]]", "`rules[0].points[0]`"),
-        ("field = \"train.steps\"", "field = \"trian.steps\"", "`rules[0].field`"),
+        (
+            "batch_scale = 64",
+            "batch_scale = -1",
+            "`rules[1].batch_scale`",
+        ),
+        (
+            "points = [[2, 30], [8, 18]]",
+            "points = [[2, 30], [2, 18]]",
+            "`rules[0].points`",
+        ),
+        (
+            "points = [[2, 30], [8, 18]]",
+            "points = [[2]]",
+            "`rules[0].points[0]`",
+        ),
+        (
+            "field = \"train.steps\"",
+            "field = \"trian.steps\"",
+            "`rules[0].field`",
+        ),
         (
             "batch_size = 2, step",
             "batch_size = 3, step",
@@ -524,10 +584,22 @@ fn malformed_sweep_files_name_the_field() {
         ("loss = [3.2]", "loss = [-3.2]", "`targets.loss[0]`"),
         ("b0 = 2", "b0 = 0", "`report.b0`"),
         ("b0 = 2", "metric = \"median\"", "`report`"),
-        ("[base.train]\nsteps = 24", "[base.train]\nstepz = 24", "`train`"),
-        ("[base.eval]\ninterval = 3\ntokens = 512", "[base.eval]\ninterval = 3\ntokens = 5", "`eval.tokens`"),
+        (
+            "[base.train]\nsteps = 24",
+            "[base.train]\nstepz = 24",
+            "`train`",
+        ),
+        (
+            "[base.eval]\ninterval = 3\ntokens = 512",
+            "[base.eval]\ninterval = 3\ntokens = 5",
+            "`eval.tokens`",
+        ),
         ("[base]\n", "bogus = 1\n[base]\n", "`bogus`"),
-        ("[base]\n", "[base.optimizer]\nname = \"sgd\"\n[base]\n", "`base.optimizer`"),
+        (
+            "[base]\n",
+            "[base.optimizer]\nname = \"sgd\"\n[base]\n",
+            "`base.optimizer`",
+        ),
     ];
     for (from, to, field) in cases {
         assert!(TINY.contains(from), "case `{from}` does not apply");
@@ -544,7 +616,10 @@ fn malformed_sweep_files_name_the_field() {
         "batch_size = [2, 4, 8]\nset = { \"optimizer.betas.1\" = [0.9, 0.99] }",
     );
     let err = SweepSpec::parse(&clash).unwrap_err().to_string();
-    assert!(err.contains("`rules[1]`") && err.contains("optimizer.betas.1"), "{err}");
+    assert!(
+        err.contains("`rules[1]`") && err.contains("optimizer.betas.1"),
+        "{err}"
+    );
     let no_effect = TINY.replace(
         "batch_size = [2, 4, 8]",
         "batch_size = [2, 4, 8]\nset = { \"checkpoint.interval\" = [5, 6] }",

@@ -255,8 +255,7 @@ fn train_one(
     tag: &str,
 ) -> Result<Option<runner::Summary>> {
     let state = run_state(dir);
-    if matches!(state, RunState::Failed(_)) || matches!(state, RunState::Pending) && dir.exists()
-    {
+    if matches!(state, RunState::Failed(_)) || matches!(state, RunState::Pending) && dir.exists() {
         // A retried divergence starts over; a start that died before its config.toml was
         // written holds nothing resumable.
         std::fs::remove_dir_all(dir).map_err(|e| Error::file(dir, e))?;

@@ -498,7 +498,9 @@ pub fn build(plan: &Plan) -> Result<SweepReport> {
                 let mut by_lr: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
                 for r in &members {
                     let l = r.final_loss.unwrap_or(f64::INFINITY);
-                    let e = by_lr.entry(r.coords.lr.to_bits()).or_insert((r.coords.lr, l));
+                    let e = by_lr
+                        .entry(r.coords.lr.to_bits())
+                        .or_insert((r.coords.lr, l));
                     e.1 = e.1.min(l);
                 }
                 let mut points: Vec<(f64, f64)> = by_lr.into_values().collect();
@@ -710,10 +712,7 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
             csv += ",tokens";
         }
         csv += "\n";
-        let many = report
-            .targets
-            .get(ti)
-            .is_some_and(|t| t.values.len() > 1);
+        let many = report.targets.get(ti).is_some_and(|t| t.values.len() > 1);
         for c in report.steps_to_target.iter().filter(|c| c.target == ti) {
             let _ = write!(
                 csv,
@@ -782,8 +781,7 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
         }
     }
     put("lr_curves.csv", csv, &mut written)?;
-    let mut csv =
-        String::from("target,group,a,b,b_star,b_star_asymptotic,rmse_log,n_points\n");
+    let mut csv = String::from("target,group,a,b,b_star,b_star_asymptotic,rmse_log,n_points\n");
     for g in &report.cbs {
         let _ = writeln!(
             csv,
@@ -944,7 +942,10 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
     }
 
     for s in &scenarios {
-        let target = report.targets.first().and_then(|t| t.values.get(s).copied());
+        let target = report
+            .targets
+            .first()
+            .and_then(|t| t.values.get(s).copied());
         let sc = if many {
             format!("_{}", slug(s))
         } else {
@@ -1039,10 +1040,15 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
     for law in &report.power_laws {
         type Pick = fn(&RunResult) -> Option<f64>;
         let axes: [(&str, &str, Option<PowerLaw>, Pick); 2] = [
-            ("n_params", "non-embedding parameters N", law.n_params, |r| {
-                Some(r.n_params)
+            (
+                "n_params",
+                "non-embedding parameters N",
+                law.n_params,
+                |r| Some(r.n_params),
+            ),
+            ("tokens", "training tokens D", law.tokens, |r| {
+                r.budget_tokens
             }),
-            ("tokens", "training tokens D", law.tokens, |r| r.budget_tokens),
         ];
         for (key, label, fit, pick) in axes {
             let Some(fit) = fit else { continue };
@@ -1108,7 +1114,10 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
         },
         report.b0
     );
-    let _ = writeln!(md, "## Targets\n\n| # | target | scenario | loss |\n|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "## Targets\n\n| # | target | scenario | loss |\n|---|---|---|---|"
+    );
     for (i, t) in report.targets.iter().enumerate() {
         if t.values.is_empty() {
             let _ = writeln!(md, "| {i} | {} | | (reference runs not finished) |", t.name);
@@ -1185,7 +1194,11 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
         );
     }
     for f in &report.cbs_failures {
-        let _ = writeln!(md, "\nNo fit for target {} `{}`: {}", f.target, f.group, f.reason);
+        let _ = writeln!(
+            md,
+            "\nNo fit for target {} `{}`: {}",
+            f.target, f.group, f.reason
+        );
     }
     for l in &report.power_laws {
         for (key, law) in [("N", l.n_params), ("D", l.tokens)] {
@@ -1230,7 +1243,7 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
     let _ = writeln!(md, "\n## Final loss vs learning rate\n");
     for s in &scenarios {
         for o in &spec.optimizers {
-            let lrs: Vec<f64> = o.lr.iter().copied().collect::<Vec<_>>();
+            let lrs: Vec<f64> = o.lr.to_vec();
             let mut lrs = lrs;
             lrs.sort_by(f64::total_cmp);
             let _ = writeln!(
@@ -1238,13 +1251,17 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
                 "{} {}\n\n| batch size |{}\n|---|{}",
                 o.label,
                 s,
-                lrs.iter().map(|l| format!(" lr {} |", fmt_g(*l))).collect::<String>(),
+                lrs.iter()
+                    .map(|l| format!(" lr {} |", fmt_g(*l)))
+                    .collect::<String>(),
                 "---|".repeat(lrs.len())
             );
             for &b in &spec.batch_sizes {
-                let Some(curve) = report.lr_curves.iter().find(|c| {
-                    &c.scenario == s && c.optimizer == o.label && c.batch_size == b
-                }) else {
+                let Some(curve) = report
+                    .lr_curves
+                    .iter()
+                    .find(|c| &c.scenario == s && c.optimizer == o.label && c.batch_size == b)
+                else {
                     continue;
                 };
                 let mut row = format!("| {b} |");
@@ -1306,7 +1323,10 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
         }
     }
     let _ = writeln!(md, "\n## Files\n");
-    for p in plots.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
+    for p in plots
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+    {
         let rel = p.strip_prefix(dir).unwrap_or(p);
         let _ = writeln!(md, "- [{0}]({0})", rel.display());
     }
@@ -1326,12 +1346,30 @@ pub fn console_table(report: &SweepReport, plan: &Plan) -> String {
         report.runs.finished, report.runs.diverged, report.runs.missing, report.runs.planned
     );
     for (s, v) in &t.values {
-        let _ = writeln!(out, "target 0 ({}){}: loss {v:.4}", t.name, if s.is_empty() { String::new() } else { format!(" [{s}]") });
+        let _ = writeln!(
+            out,
+            "target 0 ({}){}: loss {v:.4}",
+            t.name,
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!(" [{s}]")
+            }
+        );
     }
     let mut scenarios: Vec<String> = t.values.keys().cloned().collect();
     scenarios.dedup();
     for s in &scenarios {
-        let _ = write!(out, "\nsteps to target{}\n{:>10}", if s.is_empty() { String::new() } else { format!(" [{s}]") }, "batch");
+        let _ = write!(
+            out,
+            "\nsteps to target{}\n{:>10}",
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!(" [{s}]")
+            },
+            "batch"
+        );
         for o in &spec.optimizers {
             let _ = write!(out, " {:>14}", o.label);
         }
@@ -1342,7 +1380,9 @@ pub fn console_table(report: &SweepReport, plan: &Plan) -> String {
                 let cell = report.steps_to_target.iter().find(|c| {
                     c.target == 0 && &c.scenario == s && c.optimizer == o.label && c.batch_size == b
                 });
-                let text = cell.map_or("-".to_string(), |c| format!("{} (lr {})", c.steps, fmt_g(c.lr)));
+                let text = cell.map_or("-".to_string(), |c| {
+                    format!("{} (lr {})", c.steps, fmt_g(c.lr))
+                });
                 let _ = write!(out, " {text:>14}");
             }
             out += "\n";
