@@ -185,12 +185,13 @@ fn create_exclusive(path: &Path, info: &LockInfo) -> Result<bool> {
         Err(_) => {}
     }
     match OpenOptions::new().write(true).create_new(true).open(path) {
-        Ok(mut f) => {
-            f.write_all(text.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| Error::file(path, e))?;
-            Ok(true)
-        }
+        Ok(mut f) => match f.write_all(text.as_bytes()).and_then(|_| f.sync_all()) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(Error::file(path, e))
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::file(path, e)),
     }

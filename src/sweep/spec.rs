@@ -1644,3 +1644,169 @@ impl Plan {
         self.spec.runs_dir.join(&run.id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::Schedule;
+
+    const BASE: &str = r#"
+name = "t"
+[base.model]
+preset = "test"
+[base.train]
+steps = 10
+[base.eval]
+tokens = 256
+"#;
+
+    fn plan(extra: &str) -> Plan {
+        SweepSpec::parse(&format!("{BASE}\n{extra}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .plan()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn run<'a>(p: &'a Plan, opt: &str, batch: usize) -> &'a RunConfig {
+        &p.runs
+            .iter()
+            .find(|r| r.coords.optimizer == opt && r.coords.batch_size == batch)
+            .unwrap()
+            .config
+    }
+
+    fn betas(c: &RunConfig) -> (f64, f64) {
+        let t = toml::Table::try_from(&c.optimizer).unwrap();
+        let b = t["betas"].as_array().unwrap();
+        (b[0].as_float().unwrap(), b[1].as_float().unwrap())
+    }
+
+    const ADAMW_SOAP: &str = r#"
+[[optimizers]]
+lr = [1e-3]
+config = { name = "adamw" }
+[[optimizers]]
+lr = [1e-3]
+config = { name = "soap" }
+"#;
+
+    #[test]
+    fn lookup_interpolates_in_log_batch_and_clamps() {
+        let pts = [(4.0, 1.0), (16.0, 3.0)];
+        assert_eq!(lookup(&pts, 2.0, Interpolate::Log), 1.0);
+        assert_eq!(lookup(&pts, 32.0, Interpolate::Log), 3.0);
+        assert!((lookup(&pts, 8.0, Interpolate::Log) - 2.0).abs() < 1e-12);
+        assert_eq!(lookup(&pts, 8.0, Interpolate::Step), 1.0);
+        assert_eq!(lookup(&pts, 16.0, Interpolate::Step), 3.0);
+    }
+
+    #[test]
+    fn cbs_tables_follow_the_batch_size() {
+        let p = plan(&format!(
+            "{ADAMW_SOAP}[axes]\nbatch_size = [4, 16, 24, 2048]\n[[rules]]\nkind = \"beta2\"\n\
+             batch_scale = 16\n[[rules]]\nkind = \"ewa_tau\"\n"
+        ));
+        assert_eq!(betas(run(&p, "adamw", 4)).1, 0.999);
+        assert_eq!(betas(run(&p, "adamw", 16)).1, 0.995);
+        // 24 reads the table at 384, between 256 (0.995) and 512 (0.99), linearly in log B.
+        let w = 1.5f64.ln() / 2f64.ln();
+        assert!((betas(run(&p, "soap", 24)).1 - (0.995 - 0.005 * w)).abs() < 1e-12);
+        assert_eq!(betas(run(&p, "soap", 2048)).1, 0.95);
+        // β1 keeps each optimizer's default.
+        assert_eq!(betas(run(&p, "adamw", 4)).0, 0.9);
+        assert_eq!(betas(run(&p, "soap", 4)).0, 0.95);
+        // τ is read at B itself (no batch_scale): 2048 → 0.998.
+        assert_eq!(run(&p, "adamw", 2048).ewa.taus, vec![0.998]);
+        assert_eq!(run(&p, "adamw", 4).ewa.taus, vec![0.9995]);
+    }
+
+    #[test]
+    fn warmup_is_a_fraction_of_chinchilla_steps_at_the_batch_size() {
+        let p = plan(
+            "[[optimizers]]\nlr = [1e-3]\nconfig = { name = \"adamw\" }\n[axes]\n\
+             batch_size = [2, 8]\n[[rules]]\nkind = \"warmup\"\nfraction = 0.25\n",
+        );
+        let c = run(&p, "adamw", 8);
+        let n = c.model.non_embedding_params() as f64;
+        let Schedule::Constant(s) = &c.schedule else {
+            panic!("{:?}", c.schedule)
+        };
+        assert_eq!(s.warmup_ratio, Some(0.25));
+        let expected = 20.0 * n / (8.0 * c.model.context() as f64);
+        assert!((s.warmup_reference_steps.unwrap() - expected).abs() < 1e-9);
+    }
+
+    #[test]
+    fn precondition_frequency_scales_inversely_and_skips_optimizers_without_it() {
+        let p = plan(&format!(
+            "{ADAMW_SOAP}[axes]\nbatch_size = [4, 8, 64]\n[[rules]]\n\
+             kind = \"precondition_frequency\"\nreference_batch = 64\nreference_frequency = 10\n"
+        ));
+        let freq = |b| {
+            toml::Table::try_from(&run(&p, "soap", b).optimizer).unwrap()["precondition_frequency"]
+                .as_integer()
+                .unwrap()
+        };
+        assert_eq!((freq(4), freq(8), freq(64)), (160, 80, 10));
+        assert!(!toml::Table::try_from(&run(&p, "adamw", 4).optimizer)
+            .unwrap()
+            .contains_key("precondition_frequency"));
+        let err = SweepSpec::parse(&format!(
+            "{BASE}{ADAMW_SOAP}[axes]\nbatch_size = [4]\n[[rules]]\n\
+             kind = \"precondition_frequency\"\nreference_batch = 64\nreference_frequency = 10\n\
+             optimizers = [\"adamw\"]\n"
+        ))
+        .unwrap()
+        .plan()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rules[0].optimizers"), "{err}");
+    }
+
+    #[test]
+    fn models_budgets_seeds_and_set_axes_expand() {
+        let p = plan(
+            "[[optimizers]]\nlr = [1e-3, 1e-2]\nconfig = { name = \"adamw\" }\n\
+             set = { \"optimizer.betas.0\" = [0.8, 0.9] }\n[axes]\nbatch_size = [2]\n\
+             seed = [0, 1]\nmodels = [{ label = \"wide\", d_model = 64 }, { preset = \"tiny\" }]\n\
+             budgets = [{ chinchilla = 0.01 }, { label = \"short\", steps = 3 }]\n",
+        );
+        assert_eq!(p.runs.len(), 2 * 2 * 2 * 2 * 2);
+        let wide = p
+            .runs
+            .iter()
+            .find(|r| r.coords.model == "wide" && r.coords.budget == "0.01x")
+            .unwrap();
+        let crate::models::ModelConfig::Gpt(g) = &wide.config.model else {
+            panic!()
+        };
+        assert_eq!((g.d_model, g.context), (64, 32));
+        let n = wide.config.model.non_embedding_params() as f64;
+        assert_eq!(
+            wide.config.train.tokens,
+            Some((0.01 * 20.0 * n).round() as u64)
+        );
+        assert_eq!(wide.config.train.steps, None);
+        let short = p.runs.iter().find(|r| r.coords.budget == "short").unwrap();
+        assert_eq!(short.config.total_steps(), 3);
+        assert!(p
+            .runs
+            .iter()
+            .any(|r| betas(&r.config).0 == 0.8 && r.coords.set["optimizer.betas.0"] == "0.8"));
+        assert_eq!(p.runs.iter().filter(|r| r.coords.seed == 1).count(), 16);
+        assert_eq!(wide.coords.scenario(), "wide/0.01x");
+    }
+
+    #[test]
+    fn ids_are_fnv_of_the_canonical_config() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let p = plan("[[optimizers]]\nlr = [1e-3]\nconfig = { name = \"adamw\" }\n[axes]\nbatch_size = [2]\n");
+        let mut c = p.runs[0].config.clone();
+        c.threads = 7;
+        c.checkpoint.interval = 3;
+        assert_eq!(run_id(&c).unwrap(), p.runs[0].id);
+        c.train.grad_clip = Some(1.0);
+        assert_ne!(run_id(&c).unwrap(), p.runs[0].id);
+    }
+}
