@@ -622,3 +622,21 @@ fn presets_parse_and_fit_the_embedded_corpus() {
     names.sort();
     assert_eq!(names, ["d256-l3", "d512-l3", "d512-l6", "tiny"]);
 }
+
+#[test]
+fn readme_config_example_parses() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("### The run config")
+        .nth(1)
+        .expect("README has a run config section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let cfg = RunConfig::parse(block, &[]).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert_eq!(cfg.total_steps(), 120);
+    assert_eq!(cfg.groups.len(), 1);
+}
