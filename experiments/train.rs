@@ -4,7 +4,8 @@
 //! Writes the run directory (`config.toml`, `env.json`, `metrics.jsonl`, `summary.json`,
 //! `checkpoints/`) described in `optlab::runner`. `--resume` continues the run in `--out` from
 //! its newest checkpoint, bit-identically; the config may then be omitted (the run's own
-//! `config.toml` is used).
+//! `config.toml` is used). With `OPTLAB_ALLOC_STATS` set, it prints the large-block allocator's
+//! hit/miss counters at the end.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

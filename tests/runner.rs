@@ -516,6 +516,15 @@ fn bad_configs_and_mismatched_or_corrupt_checkpoints_are_clear_errors() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
 
+    // A preloaded dataset that is not the one the config names.
+    let gpt2 = parse(&config(
+        "name = \"adamw\"",
+        &format!("[data]\ntokenizer = \"gpt2\"\n{base}"),
+    ));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let err = run(&gpt2, &opts(elsewhere.path())).unwrap_err().to_string();
+    assert!(err.contains("RunOptions"), "{err}");
+
     let cfg = parse(&config("name = \"adamw\"\nlr = 0.01", base));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -28,8 +28,9 @@
 //! evaluated at their averaged point `x`, read with `eval_params()` and swapped into the
 //! variables for the evaluation; every swap puts back exact copies afterwards, so evaluating
 //! never changes the training trajectory (a `set_mode(Eval)`/`set_mode(Train)` round trip
-//! would: it recomputes `y` from `x` and `z` with rounding). Evaluation and checkpoint time is
-//! excluded from the training time.
+//! would: it recomputes `y` from `x` and `z` with rounding). EWA averages the parameters as the
+//! optimizer leaves them after each step (for Schedule-Free, its gradient point `y`). Evaluation
+//! and checkpoint time is excluded from the training time.
 //!
 //! The run directory:
 //!
@@ -207,7 +208,26 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
     };
 
     let data = match &opts.dataset {
-        Some(d) => d.clone(),
+        Some(d) => {
+            let expected = match &config.data.dir {
+                Some(dir) => dir.display().to_string(),
+                None => format!("embedded:{}", config.data.corpus),
+            };
+            let tokenizer_ok =
+                config.data.dir.is_some() || d.tokenizer() == config.data.tokenizer.name();
+            if d.source() != expected || !tokenizer_ok {
+                return Err(Error::config(
+                    "data",
+                    format!(
+                        "the dataset passed in RunOptions is {} ({} tokens), the config names \
+                         {expected}",
+                        d.source(),
+                        d.tokenizer()
+                    ),
+                ));
+            }
+            d.clone()
+        }
         None => Dataset::load(&config.data)?,
     };
     let mut t = Trainer::new(config, &data)?;
