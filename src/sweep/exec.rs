@@ -279,14 +279,11 @@ fn train_one(
     if !data.contains_key(&key) {
         data.insert(key.clone(), Dataset::load(&run.config.data)?);
     }
-    let ro = RunOptions {
-        out: dir.to_path_buf(),
-        resume,
-        progress: opts.progress && std::io::stderr().is_terminal(),
-        log: opts.verbose,
-        stop_after: None,
-        dataset: data.get(&key).cloned(),
-    };
+    let mut ro = RunOptions::new(dir);
+    ro.resume = resume;
+    ro.progress = opts.progress && std::io::stderr().is_terminal();
+    ro.log = opts.verbose;
+    ro.dataset = data.get(&key).cloned();
     match runner::run(&run.config, &ro) {
         Ok(r) => Ok(r.summary),
         Err(Error::Numerical(msg)) => {

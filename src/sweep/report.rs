@@ -650,6 +650,15 @@ fn group_name(optimizer: &str, scenario: &str, many: bool) -> String {
     }
 }
 
+/// `what` followed by the scenario in brackets, when there is one.
+fn titled(what: &str, scenario: &str) -> String {
+    if scenario.is_empty() {
+        what.to_string()
+    } else {
+        format!("{what} [{scenario}]")
+    }
+}
+
 /// A file-name-safe form of a label.
 fn slug(s: &str) -> String {
     s.chars()
@@ -976,7 +985,7 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                 .collect();
             if !curves.is_empty() {
                 let data = LossCurves {
-                    title: format!("{} {}: eval loss, best lr per batch size", o.label, s),
+                    title: format!("{}: eval loss, best lr per batch size", titled(&o.label, s)),
                     curves,
                     target,
                     log_x: true,
@@ -1001,7 +1010,7 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                 .collect();
             if series.iter().any(|x| x.points.len() > 1) {
                 let data = LrSensitivityPlot {
-                    title: format!("{} {}: final loss vs lr / best lr", o.label, s),
+                    title: format!("{}: final loss vs lr / best lr", titled(&o.label, s)),
                     series,
                     max_loss: None,
                 };
@@ -1024,7 +1033,10 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                     .collect();
                 if series.iter().any(|x| x.points.len() > 1) {
                     let data = LrSensitivityPlot {
-                        title: format!("B = {b} {s}: final loss vs lr / best lr"),
+                        title: format!(
+                            "{}: final loss vs lr / best lr",
+                            titled(&format!("B = {b}"), s)
+                        ),
                         series,
                         max_loss: None,
                     };
@@ -1248,9 +1260,8 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
             lrs.sort_by(f64::total_cmp);
             let _ = writeln!(
                 md,
-                "{} {}\n\n| batch size |{}\n|---|{}",
-                o.label,
-                s,
+                "{}\n\n| batch size |{}\n|---|{}",
+                titled(&o.label, s),
                 lrs.iter()
                     .map(|l| format!(" lr {} |", fmt_g(*l)))
                     .collect::<String>(),
