@@ -360,6 +360,138 @@ __device__ void factor_ema(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SOAP (src/optim/soap.rs): the elementwise passes around the rotations, which are matrix
+// products.
+// Original-space moments m_j ← d_j·m_j + w_j·g (update_moments). out: m_0..m_{count−1};
+// in: g. s: count (≤ 4), d_0, w_0, d_1, w_1, ...
+template <typename T>
+__device__ void soap_moments(const Args<T>& a) {
+    const T* g = a.in[0];
+    const int count = (int)a.s[0];
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        for (int j = 0; j < count; ++j) {
+            T* m = a.out[j];
+            m[k] = a.s[1 + 2 * j] * m[k] + a.s[2 + 2 * j] * gk;
+        }
+    }
+}
+
+// Adam in the eigenbasis (AdamInner::direction): reads the rotated gradient from d, updates the
+// rotated second moment v and overwrites d with m'/(√v + ε). out: d, v; in: m' (rotated first
+// moment). s: b2, c2, eps
+template <typename T>
+__device__ void soap_adam(const Args<T>& a) {
+    T* d = a.out[0];
+    T* v = a.out[1];
+    const T* m = a.in[0];
+    const T b2 = a.s[0], c2 = a.s[1], eps = a.s[2];
+    GRID_STRIDE(k, a.n) {
+        const T g = d[k];
+        const T vk = b2 * v[k] + c2 * (g * g);
+        v[k] = vk;
+        d[k] = m[k] / (root(vk) + eps);
+    }
+}
+
+// The parameter update (apply_update): p ← p − step·(u / norm), then p ← p + decay·p.
+// out: p; in: u. s: step, norm, decay, normalize (≠ 0), has_decay (≠ 0)
+template <typename T>
+__device__ void soap_apply(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* u = a.in[0];
+    const T step = a.s[0], norm = a.s[1], decay = a.s[2];
+    const bool normalize = a.s[3] != T(0), has_decay = a.s[4] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T uk = normalize ? u[k] / norm : u[k];
+        T pk = p[k] - step * uk;
+        if (has_decay) pk = pk + decay * pk;
+        p[k] = pk;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Factor refresh (src/linalg/on_device.rs): SOAP's power iteration with a Cholesky-QR2
+// orthogonalization, built from matrix products (cuBLAS) and the three kernels below. Their
+// CPU twins are the plain loops in on_device.rs, with the same operation order.
+
+// Column dot products d_j = Σ_i x[i][j]·y[i][j] of two row-major rows×cols matrices, summed in
+// f64 in row order (the Rayleigh quotients q_jᵀ(F q)_j, or squared column norms with x = y).
+// in: x, y; scratch: d (cols f64); n = cols; aux: rows. One thread per column: consecutive
+// threads read consecutive elements of a row.
+template <typename T>
+__device__ void column_dots(const Args<T>& a) {
+    const T* x = a.in[0];
+    const T* y = a.in[1];
+    const unsigned long long rows = a.aux[0], cols = a.n;
+    GRID_STRIDE(j, cols) {
+        double acc = 0.0;
+        for (unsigned long long i = 0; i < rows; ++i) {
+            acc += (double)x[i * cols + j] * (double)y[i * cols + j];
+        }
+        a.scratch[j] = acc;
+    }
+}
+
+// In-place Cholesky factorization C = RᵀR of a symmetric positive definite n×n row-major
+// matrix (upper triangle read; R written to the upper triangle, the strict lower triangle
+// zeroed). Right-looking, one block: step k takes the pivot C[k][k], scales row k by 1/√pivot
+// and updates the trailing upper triangle C[i][j] −= R[k][i]·R[k][j]. A pivot outside
+// [s0, s1] (or not finite) stops the factorization with scratch[0] = k + 1 (0: success).
+// out: C; aux: n; s: pivot_min, pivot_max. Launched with exactly one block.
+template <typename T>
+__device__ void cholesky_upper(const Args<T>& a) {
+    T* c = a.out[0];
+    const unsigned long long n = a.aux[0];
+    const T lo = a.s[0], hi = a.s[1];
+    const unsigned long long t = threadIdx.x, nt = blockDim.x;
+    for (unsigned long long k = 0; k < n; ++k) {
+        __syncthreads();
+        const T pivot = c[k * n + k];
+        // Every thread reads the same pivot, so all leave together.
+        if (!(pivot >= lo && pivot <= hi) || !(pivot > T(0))) {
+            if (t == 0) a.scratch[0] = (double)(k + 1);
+            return;
+        }
+        const T r = root(pivot);
+        __syncthreads();
+        for (unsigned long long j = k + t; j < n; j += nt) {
+            c[k * n + j] = j == k ? r : c[k * n + j] / r;
+        }
+        __syncthreads();
+        const unsigned long long m = n - k - 1;
+        for (unsigned long long e = t; e < m * m; e += nt) {
+            const unsigned long long i = k + 1 + e / m, j = k + 1 + e % m;
+            if (j >= i) c[i * n + j] = c[i * n + j] - c[k * n + i] * c[k * n + j];
+        }
+    }
+    __syncthreads();
+    for (unsigned long long e = t; e < n * n; e += nt) {
+        if (e % n < e / n) c[e] = T(0);
+    }
+}
+
+// Solves X·R = A in place for X, R upper triangular n×n (row-major), A of rows×n stored
+// transposed (at[j][i] = A[i][j], so that consecutive threads, one per row of A, touch
+// consecutive addresses): x_ij = (a_ij − Σ_{l<j} x_il·R[l][j]) / R[j][j], l ascending.
+// out: at; in: R; n = rows; aux: n (the order of R).
+template <typename T>
+__device__ void solve_upper_right_t(const Args<T>& a) {
+    T* at = a.out[0];
+    const T* r = a.in[0];
+    const unsigned long long rows = a.n, n = a.aux[0];
+    GRID_STRIDE(i, rows) {
+        for (unsigned long long j = 0; j < n; ++j) {
+            T acc = at[j * rows + i];
+            for (unsigned long long l = 0; l < j; ++l) {
+                acc = acc - at[l * rows + i] * r[l * n + j];
+            }
+            at[j * rows + i] = acc / r[j * n + j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
 template <typename T>
@@ -400,3 +532,9 @@ ENTRY(nonfinite, nonfinite)
 ENTRY(muon_momentum, muon_momentum)
 ENTRY(muon_apply, muon_apply)
 ENTRY(factor_ema, factor_ema)
+ENTRY(soap_moments, soap_moments)
+ENTRY(soap_adam, soap_adam)
+ENTRY(soap_apply, soap_apply)
+ENTRY(column_dots, column_dots)
+ENTRY_SYNC(cholesky_upper, cholesky_upper)
+ENTRY(solve_upper_right_t, solve_upper_right_t)

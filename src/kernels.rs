@@ -58,6 +58,36 @@ impl<T: Float> Args<T> {
     }
 }
 
+/// A launch with an explicit shape: the kernel, its grid (blocks of [`THREADS`]), the element
+/// count `n`, the integer parameters, the scalars and an f64 workspace of `scratch_len`
+/// elements (zeroed before, returned after the launch). The matrix kernels of the factor
+/// refresh use it (src/linalg/on_device.rs); the elementwise updates need none of it.
+#[derive(Debug, Clone, Copy)]
+pub struct RawLaunch<'a, T> {
+    /// Kernel name, without the dtype suffix.
+    pub name: &'static str,
+    /// Blocks of the grid.
+    pub blocks: usize,
+    /// The kernel's `n`.
+    pub n: usize,
+    /// The kernel's integer parameters.
+    pub aux: [u64; 2],
+    /// Scalar arguments (at most 16).
+    pub scalars: &'a [T],
+    /// f64 elements of the workspace.
+    pub scratch_len: usize,
+}
+
+impl<T: Float> RawLaunch<'_, T> {
+    /// The argument block for device (or host) addresses `outs`, `ins` and `scratch`.
+    pub fn args(&self, outs: &[u64], ins: &[u64], scratch: u64) -> Result<Args<T>> {
+        let mut a = Args::new(outs, ins, self.n, self.scalars)?;
+        a.aux = self.aux;
+        a.scratch = scratch;
+        Ok(a)
+    }
+}
+
 /// Blocks for a grid-stride elementwise launch over `n` elements.
 pub fn elementwise_blocks(n: usize) -> usize {
     n.div_ceil(THREADS as usize).min(MAX_BLOCKS)
@@ -164,6 +194,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "muon_momentum",
     "muon_apply",
     "factor_ema",
+    "soap_moments",
+    "soap_adam",
+    "soap_apply",
+    "column_dots",
+    "cholesky_upper",
+    "solve_upper_right_t",
 ];
 
 #[cfg(optlab_emulate_kernels)]

@@ -17,6 +17,8 @@
 //! counts the failure. Malformed input (not a square matrix, not f32/f64) is an `Err`, never a
 //! panic.
 
+pub mod on_device;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use candle_core::{DType, Device, Tensor};

@@ -199,3 +199,75 @@ fn emulation_is_active_only_inside() {
     with_emulation(|| assert!(optlab::kernels::emulate::active()));
     assert!(!optlab::kernels::emulate::active());
 }
+
+#[test]
+fn factor_refresh_kernels_equal_their_twins() {
+    use optlab::linalg::on_device::{
+        cholesky_qr3, cholesky_upper, column_dots, power_iteration_qr, solve_upper_right_t,
+    };
+    let bits =
+        |t: &Tensor| -> Vec<u64> { common::values_of(t).iter().map(|x| x.to_bits()).collect() };
+    let before = launch_count();
+    for dtype in [DType::F32, DType::F64] {
+        // Sizes below, at and above one block of 256 threads, and odd ones.
+        for n in [1usize, 5, 64, 257, 300] {
+            let x = common::tensor(n as u64, &[n, n], dtype);
+            let y = common::tensor(n as u64 + 1, &[n, n], dtype);
+            let twin = column_dots(&x, &y).unwrap();
+            let kernel = with_emulation(|| column_dots(&x, &y)).unwrap();
+            let b = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(b(&twin), b(&kernel), "column_dots {dtype:?} n={n}");
+
+            // A symmetric positive definite matrix and its factor.
+            let gram = (x.t().unwrap().matmul(&x).unwrap()
+                + Tensor::eye(n, dtype, &Device::Cpu).unwrap())
+            .unwrap()
+            .contiguous()
+            .unwrap();
+            let (c_twin, c_kernel) = (gram.copy().unwrap(), gram.copy().unwrap());
+            let s_twin = cholesky_upper(&c_twin, (0.0, f64::INFINITY)).unwrap();
+            let s_kernel =
+                with_emulation(|| cholesky_upper(&c_kernel, (0.0, f64::INFINITY))).unwrap();
+            assert_eq!(s_twin, s_kernel, "cholesky status {dtype:?} n={n}");
+            assert!(s_twin.is_ok());
+            assert_eq!(bits(&c_twin), bits(&c_kernel), "cholesky {dtype:?} n={n}");
+
+            let at = y.t().unwrap().contiguous().unwrap();
+            let (a_twin, a_kernel) = (at.copy().unwrap(), at.copy().unwrap());
+            solve_upper_right_t(&a_twin, &c_twin).unwrap();
+            with_emulation(|| solve_upper_right_t(&a_kernel, &c_twin)).unwrap();
+            assert_eq!(bits(&a_twin), bits(&a_kernel), "solve {dtype:?} n={n}");
+
+            let q_twin = cholesky_qr3(&y).unwrap();
+            let q_kernel = with_emulation(|| cholesky_qr3(&y)).unwrap();
+            assert_eq!(q_twin.is_some(), q_kernel.is_some());
+            if let (Some(a), Some(b)) = (q_twin, q_kernel) {
+                assert_eq!(bits(&a), bits(&b), "cholesky_qr3 {dtype:?} n={n}");
+            }
+        }
+        // A failing pivot is reported at the same index.
+        let bad = Tensor::from_vec(vec![4.0f64, 2.0, 2.0, 1.0], (2, 2), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let bad2 = bad.copy().unwrap();
+        let twin = cholesky_upper(&bad, (0.0, f64::INFINITY)).unwrap();
+        let kernel = with_emulation(|| cholesky_upper(&bad2, (0.0, f64::INFINITY))).unwrap();
+        assert_eq!(twin, Err(1));
+        assert_eq!(twin, kernel);
+
+        // The whole refresh: SOAP factor and basis.
+        let n = 40;
+        let g = common::tensor(9, &[n, 3 * n], dtype);
+        let f = g.matmul(&g.t().unwrap()).unwrap();
+        let q0 = optlab::optim::kron::identity(n, dtype, &Device::Cpu).unwrap();
+        let twin = power_iteration_qr(&f, &q0).unwrap().value().unwrap();
+        let kernel = with_emulation(|| power_iteration_qr(&f, &q0))
+            .unwrap()
+            .value()
+            .unwrap();
+        assert_eq!(twin.0, kernel.0, "refresh permutation {dtype:?}");
+        assert_eq!(bits(&twin.1), bits(&kernel.1), "refresh basis {dtype:?}");
+    }
+    assert!(launch_count() > before, "the kernels did not run");
+}

@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
-use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, THREADS};
+use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
 use crate::optim::fused::Float;
 
 /// PTX of `kernels/fused.cu`.
@@ -77,6 +77,37 @@ pub fn launch_elementwise<T: Float>(
         // `with_device_ptrs`), and the elementwise kernels index below `n` only.
         unsafe { launch(dev, name, elementwise_blocks(n), &args) }
     })
+}
+
+/// One launch of `l` over `outs` (written) and `ins` (read), all of dtype `T` on one CUDA
+/// device; returns the f64 workspace after the launch (one copy to the host, which waits for
+/// the device).
+pub fn launch_raw<T: Float>(
+    l: &RawLaunch<'_, T>,
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+) -> Result<Vec<f64>> {
+    let first = outs.iter().chain(ins).next();
+    let Some(candle_core::Device::Cuda(dev)) = first.map(|t| t.device()) else {
+        return Err(Error::Msg(format!(
+            "{}: operands not on a CUDA device",
+            l.name
+        )));
+    };
+    let mut scratch = dev.alloc_zeros::<f64>(l.scratch_len.max(1))?;
+    {
+        let stream = dev.cuda_stream();
+        let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
+        with_device_ptrs::<T>(outs, ins, |dev, o, i| {
+            let args = l.args(o, i, scratch_ptr)?;
+            // SAFETY: the callers in `linalg::on_device` size `outs`, `ins`, `n`, `aux` and the
+            // workspace as each kernel's comment in kernels/fused.cu documents.
+            unsafe { launch(dev, l.name, l.blocks, &args) }
+        })?;
+    }
+    let mut out = dev.clone_dtoh(&scratch)?;
+    out.truncate(l.scratch_len);
+    Ok(out)
 }
 
 /// Adalayer's update on the device (the twin of `Plan::apply` in `src/optim/adalayer.rs`):

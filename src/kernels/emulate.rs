@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, THREADS};
+use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
 use crate::optim::fused::{zip_mut, Float};
 
 extern "C" {
@@ -99,6 +99,25 @@ pub fn launch_elementwise<T: Float>(
         // `zip_mut` for the call.
         unsafe { launch(name, elementwise_blocks(n), &args) }
     })
+}
+
+/// The emulated twin of [`crate::cuda::launch_raw`] on CPU tensors.
+pub fn launch_raw<T: Float>(
+    l: &RawLaunch<'_, T>,
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+) -> Result<Vec<f64>> {
+    let mut scratch = vec![0.0f64; l.scratch_len.max(1)];
+    let scratch_ptr = scratch.as_mut_ptr() as u64;
+    zip_mut::<T>(outs, ins, |o, i| {
+        let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
+        let i: Vec<u64> = i.iter().map(|s| s.as_ptr() as u64).collect();
+        let args = l.args(&o, &i, scratch_ptr)?;
+        // SAFETY: as for the CUDA launch; the slices stay borrowed by `zip_mut` for the call.
+        unsafe { launch(l.name, l.blocks, &args) }
+    })?;
+    scratch.truncate(l.scratch_len);
+    Ok(scratch)
 }
 
 /// The emulated twin of [`crate::cuda::adalayer`] on CPU tensors.

@@ -438,7 +438,13 @@ pub fn eigenbasis(factor: &Tensor, shift: f64, order: Order) -> Result<Robust<Te
 ///
 /// `F·q` is formed once and serves both the quotients and the QR input. Under the f64-retry
 /// policy; on failure the caller keeps `q` and does not permute.
+///
+/// On a CUDA device the refresh runs there ([`linalg::on_device::power_iteration_qr`]:
+/// products, kernels and Cholesky-QR, nothing copied to the host but the quotients).
 pub fn power_iteration_qr(factor: &Tensor, q: &Tensor) -> Result<Robust<(Vec<usize>, Tensor)>> {
+    if factor.device().is_cuda() {
+        return linalg::on_device::power_iteration_qr(factor, q);
+    }
     let n = linalg::square_side(factor, "power_iteration_qr")?;
     if q.dims() != [n, n] {
         return Err(Error::Msg(format!(

@@ -71,7 +71,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::linalg::{Order, Robust};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{sum_sq, zip_mut, Float};
+use crate::optim::fused::{sum_sq, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::kron::{self, FactorEma, KronLayout, Refresh};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -310,7 +310,9 @@ impl InnerRule for AdamInner {
     fn direction(&self, _t: u64, dir: &Tensor, moments: &[Tensor], stats: &[Tensor]) -> Result<()> {
         with_float!(dir.dtype(), "soap", T => {
             let (b2, c2, eps) = (T::of(self.beta2), T::of(1.0 - self.beta2), T::of(self.eps));
-            zip_mut::<T>(&[dir, &stats[0]], &[&moments[0]], |o, i| {
+            let scalars = [b2, c2, eps];
+            let kernel = Kernel::new("soap_adam", &scalars);
+            zip_mut_or_kernel::<T>(kernel, &[dir, &stats[0]], &[&moments[0]], |o, i| {
                 let (d, rest) = o.split_first_mut().expect("dir");
                 let v = &mut *rest[0];
                 let m = i[0];
@@ -452,7 +454,11 @@ fn update_moments(moments: &[(Tensor, f64, f64)], grad: &Tensor) -> Result<()> {
     with_float!(grad.dtype(), "soap", T => {
         let outs: Vec<&Tensor> = moments.iter().map(|(m, _, _)| m).collect();
         let coef: Vec<(T, T)> = moments.iter().map(|(_, d, w)| (T::of(*d), T::of(*w))).collect();
-        zip_mut::<T>(&outs, &[grad], |o, i| {
+        // The kernel takes up to four moments: (count, d₀, w₀, d₁, w₁, …).
+        let mut scalars = vec![T::of(coef.len() as f64)];
+        scalars.extend(coef.iter().flat_map(|&(d, w)| [d, w]));
+        let kernel = Kernel::new("soap_moments", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &outs, &[grad], |o, i| {
             let g = i[0];
             for (m, &(d, w)) in o.iter_mut().zip(&coef) {
                 for k in 0..g.len() {
@@ -470,7 +476,10 @@ fn apply_update(param: &Var, u: &Tensor, step: f64, norm: f64, decay: f64) -> Re
         let normalize = norm != 1.0;
         let has_decay = decay != 0.0;
         let (step, norm, decay) = (T::of(step), T::of(norm), T::of(decay));
-        zip_mut::<T>(&[param.as_tensor()], &[u], |o, i| {
+        let flag = |b: bool| if b { T::of(1.0) } else { T::of(0.0) };
+        let scalars = [step, norm, decay, flag(normalize), flag(has_decay)];
+        let kernel = Kernel::new("soap_apply", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[u], |o, i| {
             let (p, u) = (&mut *o[0], i[0]);
             for k in 0..p.len() {
                 let uk = if normalize { u[k] / norm } else { u[k] };
@@ -620,6 +629,7 @@ mod tests {
 
     use super::*;
     use crate::optim::adamw::AdamWConfig;
+    use crate::optim::fused::zip_mut;
     use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
 
     /// Deterministic pseudo-random values in [-1, 1).

@@ -240,8 +240,7 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     })?;
     let path = path.trim();
     let raw = raw.trim();
-    let keys: Vec<&str> = path.split('.').collect();
-    if path.is_empty() || keys.iter().any(|k| k.is_empty()) {
+    if path.is_empty() || path.split('.').any(|k| k.is_empty()) {
         return Err(Error::config(
             "--set",
             format!("`{assignment}`: empty key in `{path}`"),
@@ -253,6 +252,16 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
             .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
+    set_dotted(table, path, value)
+}
+
+/// Sets the dotted `path` of a TOML table to `value`. Numeric parts index existing arrays;
+/// missing tables are created.
+pub fn set_dotted(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<()> {
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(Error::config(path, "empty key in a dotted path"));
+    }
     set_path(table, &keys, value, path)
 }
 

@@ -75,7 +75,8 @@ use crate::optim::{
 
 pub use checkpoint::{LoopState, Manifest};
 pub use config::{
-    apply_override, CheckpointConfig, EvalConfig, EwaConfig, Precision, RunConfig, TrainConfig,
+    apply_override, set_dotted, CheckpointConfig, EvalConfig, EwaConfig, Precision, RunConfig,
+    TrainConfig,
 };
 pub use env::EnvInfo;
 pub use metrics::{read_metrics, MetricsLine, Summary, TargetTracker};

@@ -1117,53 +1117,7 @@ pub fn set_path(t: &mut toml::Table, path: &str, value: toml::Value) -> Result<(
             }
         }
     }
-    set_in_table(t, &keys, value, path)
-}
-
-fn set_in_table(t: &mut toml::Table, keys: &[&str], value: toml::Value, path: &str) -> Result<()> {
-    let (first, rest) = keys.split_first().expect("non-empty path");
-    if rest.is_empty() {
-        t.insert((*first).to_string(), value);
-        return Ok(());
-    }
-    let slot = t
-        .entry((*first).to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    set_in_value(slot, rest, value, path)
-}
-
-fn set_in_value(
-    slot: &mut toml::Value,
-    keys: &[&str],
-    value: toml::Value,
-    path: &str,
-) -> Result<()> {
-    match slot {
-        toml::Value::Table(t) => set_in_table(t, keys, value, path),
-        toml::Value::Array(items) => {
-            let (first, rest) = keys.split_first().expect("non-empty path");
-            let len = items.len();
-            let i: usize = first.parse().map_err(|_| {
-                Error::config(path, format!("`{first}` must index an array (0..{len})"))
-            })?;
-            let item = items.get_mut(i).ok_or_else(|| {
-                Error::config(
-                    path,
-                    format!("index {i} is out of range: the array has {len}"),
-                )
-            })?;
-            if rest.is_empty() {
-                *item = value;
-                Ok(())
-            } else {
-                set_in_value(item, rest, value, path)
-            }
-        }
-        other => Err(Error::config(
-            path,
-            format!("cannot set a key inside a {} value", other.type_str()),
-        )),
-    }
+    crate::runner::set_dotted(t, path, value)
 }
 
 /// Every combination of the axes' values (one empty combination without axes).

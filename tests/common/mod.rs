@@ -196,6 +196,18 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
         // roles take the AdamW kernel.
         ("muon", "lr = 0.02\nweight_decay = 0.1", 2),
         ("muon", "nesterov = false\nns_steps = 3", 2),
+        // SOAP: moments, Adam in the eigenbasis and the update around the rotations (matrix
+        // products) and refreshes (every 2 steps here).
+        (
+            "soap",
+            "lr = 0.01\nweight_decay = 0.1\nprecondition_frequency = 2",
+            4,
+        ),
+        (
+            "soap",
+            "lr = 0.01\nnormalize_grads = true\ncorrect_bias = false\nprecondition_1d = true",
+            3,
+        ),
     ];
     cases
         .iter()
