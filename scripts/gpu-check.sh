@@ -83,7 +83,7 @@ if grep -q "SKIP: no CUDA device" "$log"; then
 fi
 
 echo "## Timings" >>"$log"
-RUST_BACKTRACE=0 timeout 180 "$bin" --ignored gpu_timing_table --nocapture --test-threads=1 2>&1 |
+RUST_BACKTRACE=0 timeout 240 "$bin" --ignored gpu_timing --nocapture --test-threads=1 2>&1 |
   tee -a "$log" || status=1
 
 if [ -n "${OUT:-}" ]; then

@@ -418,23 +418,30 @@ fn compare(
     first_bad
 }
 
-fn tensor_of(values: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Ok(Tensor::from_vec(values.to_vec(), shape, &Device::Cpu)?.to_dtype(dtype)?)
+fn tensor_of(values: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values.to_vec(), shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
 }
 
 fn values_of(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
-/// Replays `case` in `dtype` (f32 or f64).
+/// Replays `case` in `dtype` (f32 or f64) on the CPU.
 pub fn replay(case: &GoldenCase, dtype: DType) -> Outcome {
-    match replay_inner(case, dtype) {
+    replay_on(case, dtype, &Device::Cpu)
+}
+
+/// Replays `case` in `dtype` with parameters, gradients and optimizer state on `device`.
+pub fn replay_on(case: &GoldenCase, dtype: DType, device: &Device) -> Outcome {
+    match replay_inner(case, dtype, device) {
         Ok(o) => o,
         Err(e) => Outcome::Fail(e.to_string()),
     }
 }
 
-fn replay_inner(case: &GoldenCase, dtype: DType) -> Result<Outcome> {
+fn replay_inner(case: &GoldenCase, dtype: DType, device: &Device) -> Result<Outcome> {
     let tol = match dtype {
         DType::F64 => case.tolerance.f64,
         DType::F32 => case.tolerance.f32,
@@ -450,7 +457,7 @@ fn replay_inner(case: &GoldenCase, dtype: DType) -> Result<Outcome> {
     for (p, init) in case.param_meta.iter().zip(&case.init) {
         vars.push((
             p.name.clone(),
-            Var::from_tensor(&tensor_of(init, &p.shape, dtype)?)?,
+            Var::from_tensor(&tensor_of(init, &p.shape, dtype, device)?)?,
         ));
     }
     let mut params = NamedParams::new(vars.clone())?;
@@ -477,7 +484,7 @@ fn replay_inner(case: &GoldenCase, dtype: DType) -> Result<Outcome> {
         }
         let mut grads = BTreeMap::new();
         for (p, g) in case.param_meta.iter().zip(step_grads) {
-            grads.insert(p.name.clone(), tensor_of(g, &p.shape, dtype)?);
+            grads.insert(p.name.clone(), tensor_of(g, &p.shape, dtype, device)?);
         }
         opt.step_named(&grads)?;
         if opts.hessian_from_extra {
@@ -491,7 +498,7 @@ fn replay_inner(case: &GoldenCase, dtype: DType) -> Result<Outcome> {
                     .map_err(|e| Error::Msg(format!("extra.hessian_grad[{s}]: {e}")))?;
                 let mut values = BTreeMap::new();
                 for (p, v) in case.param_meta.iter().zip(&per_param) {
-                    values.insert(p.name.clone(), tensor_of(v, &p.shape, dtype)?);
+                    values.insert(p.name.clone(), tensor_of(v, &p.shape, dtype, device)?);
                 }
                 opt.observe_named(ExtraInput::HessianGrad, &values)?;
             }

@@ -81,6 +81,8 @@ pub enum LinalgError {
     },
     /// The solver panicked (caught); the message.
     Panicked(String),
+    /// A device solver (cuSOLVER) reported an error; its status.
+    Solver(String),
 }
 
 impl std::fmt::Display for LinalgError {
@@ -93,6 +95,7 @@ impl std::fmt::Display for LinalgError {
                 write!(f, "coupled Newton did not converge (max |M - I| = {error})")
             }
             LinalgError::Panicked(m) => write!(f, "solver panicked: {m}"),
+            LinalgError::Solver(m) => write!(f, "device solver failed: {m}"),
         }
     }
 }
@@ -537,6 +540,27 @@ pub fn inverse_root_from_eigh<T: Scalar>(
     stability: Stability,
 ) -> Vec<T> {
     let n = w.len();
+    let power = root_powers(w, root, epsilon, stability);
+    // (Q · diag(p)) · Qᵀ
+    let mut qd = q.to_vec();
+    for i in 0..n {
+        for j in 0..n {
+            qd[i * n + j] *= T::of(power[j]);
+        }
+    }
+    let mut qt = vec![T::of(0.0); n * n];
+    for i in 0..n {
+        for j in 0..n {
+            qt[j * n + i] = q[i * n + j];
+        }
+    }
+    matmul_slice(&qd, &qt, n, n, n)
+}
+
+/// The diagonal of [`inverse_root_from_eigh`]: each eigenvalue mapped as the [`Stability`]
+/// rule says, to the power `−1/root` (in f64). Shared by the host and the device paths.
+pub fn root_powers<T: Scalar>(w: &[T], root: f64, epsilon: f64, stability: Stability) -> Vec<f64> {
+    let n = w.len();
     let w64: Vec<f64> = w.iter().map(|x| x.f64()).collect();
     let lmin = w64.iter().copied().fold(f64::INFINITY, f64::min);
     let power: Vec<f64> = match stability {
@@ -592,20 +616,7 @@ pub fn inverse_root_from_eigh<T: Scalar>(
                 .collect()
         }
     };
-    // (Q · diag(p)) · Qᵀ
-    let mut qd = q.to_vec();
-    for i in 0..n {
-        for j in 0..n {
-            qd[i * n + j] *= T::of(power[j]);
-        }
-    }
-    let mut qt = vec![T::of(0.0); n * n];
-    for i in 0..n {
-        for j in 0..n {
-            qt[j * n + i] = q[i * n + j];
-        }
-    }
-    matmul_slice(&qd, &qt, n, n, n)
+    power
 }
 
 fn coupled_newton<T: Scalar>(
@@ -800,6 +811,10 @@ pub fn from_vec<T: Scalar>(v: Vec<T>, shape: &[usize], device: &Device) -> Resul
 /// [`Robust::Failed`] outcome.
 pub fn eigh(a: &Tensor, shift: f64, order: Order) -> Result<Robust<Eigh>> {
     let n = square_side(a, "eigh")?;
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda() {
+        return on_device::eigh(a, shift, order);
+    }
     let device = a.device().clone();
     crate::with_float!(a.dtype(), "eigh", T => {
         let v = to_vec::<T>(a)?;
@@ -835,6 +850,10 @@ pub fn qr_q(a: &Tensor) -> Result<Robust<Tensor>> {
 pub fn inverse_root(a: &Tensor, req: &InverseRoot) -> Result<Robust<Tensor>> {
     req.validate()?;
     let n = square_side(a, "inverse_root")?;
+    #[cfg(feature = "cuda")]
+    if let (true, RootMethod::Eigen(stability)) = (a.device().is_cuda(), req.method) {
+        return on_device::inverse_root(a, req.root, req.epsilon, stability);
+    }
     let device = a.device().clone();
     crate::with_float!(a.dtype(), "inverse_root", T => {
         let v = to_vec::<T>(a)?;

@@ -13,6 +13,8 @@
 //! raw device pointers to a launch closure while all locks and cudarc's stream-order guards are
 //! held. The kernels index only within the element counts checked here.
 
+pub mod solver;
+
 use std::cell::RefCell;
 
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
@@ -108,6 +110,49 @@ pub fn launch_raw<T: Float>(
     let mut out = dev.clone_dtoh(&scratch)?;
     out.truncate(l.scratch_len);
     Ok(out)
+}
+
+/// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::optim::fused::zip_mut)
+/// body of SGD, Adafactor, Sophia, MARS or Shampoo) on host copies of CUDA operands, then writes
+/// the outputs back: every optimizer works on the GPU, the ones without kernels at the cost of
+/// two transfers per pass. The arithmetic is the CPU path's, so results equal the CPU's.
+pub fn on_host<T: Float>(
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+    body: impl FnMut(&mut [&mut [T]], &[&[T]]) -> Result<()>,
+) -> Result<()> {
+    let host = |t: &&Tensor| -> Result<Tensor> {
+        Ok(t.to_device(&candle_core::Device::Cpu)?
+            .contiguous()?
+            .copy()?)
+    };
+    let h_outs: Vec<Tensor> = outs.iter().map(host).collect::<Result<_>>()?;
+    let h_ins: Vec<Tensor> = ins.iter().map(host).collect::<Result<_>>()?;
+    crate::optim::fused::zip_mut::<T>(
+        &h_outs.iter().collect::<Vec<_>>(),
+        &h_ins.iter().collect::<Vec<_>>(),
+        body,
+    )?;
+    for (dst, src) in outs.iter().zip(&h_outs) {
+        if !dst.device().is_cuda() {
+            return Err(Error::Msg(
+                "fused pass: outputs on different devices".into(),
+            ));
+        }
+        let data: Vec<T> = src.flatten_all()?.to_vec1::<T>()?;
+        with_device_ptrs::<T>(&[dst], &[], |dev, o, _| {
+            let stream = dev.cuda_stream();
+            // SAFETY: `o[0]` addresses the tensor's `data.len()` elements (checked by
+            // `with_device_ptrs`, same element count as its host copy); the stream is
+            // synchronized before `data` is dropped.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(o[0], &data, stream.cu_stream()).w()?;
+            }
+            stream.synchronize().w()?;
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// Adalayer's update on the device (the twin of `Plan::apply` in `src/optim/adalayer.rs`):

@@ -327,33 +327,122 @@ pub fn power_iteration_qr(f: &Tensor, q: &Tensor) -> Result<Robust<(Vec<usize>, 
             retry: None,
         });
     }
-    let first = match refresh_once(&f, &q)? {
+    with_device_retry(
+        dtype,
+        |dt| refresh_once(&f.to_dtype(dt)?, &q.to_dtype(dt)?),
+        |(perm, q64)| finite_as(q64, dtype).map(|r| r.map(|q| (perm, q))),
+    )
+}
+
+/// `x` cast to `dtype`, or `NonFiniteOutput` when the cast overflows.
+fn finite_as(x: Tensor, dtype: DType) -> Result<std::result::Result<Tensor, LinalgError>> {
+    let x = x.to_dtype(dtype)?;
+    Ok(if crate::optim::fused::all_finite(&x)? {
+        Ok(x)
+    } else {
+        Err(LinalgError::NonFiniteOutput)
+    })
+}
+
+/// The robustness policy of [`crate::linalg`] for device computations: `attempt` in `dtype`;
+/// if that fails and `dtype` is f32, `attempt` in f64 and `back` (the cast to f32).
+fn with_device_retry<V>(
+    dtype: DType,
+    attempt: impl Fn(DType) -> Result<std::result::Result<V, LinalgError>>,
+    back: impl Fn(V) -> Result<std::result::Result<V, LinalgError>>,
+) -> Result<Robust<V>> {
+    let first = match attempt(dtype)? {
         Ok(v) => return Ok(Robust::Done(v)),
         Err(e) => e,
     };
     if dtype == DType::F64 {
         return Ok(Robust::Failed { first, retry: None });
     }
-    match refresh_once(&f.to_dtype(DType::F64)?, &q.to_dtype(DType::F64)?)? {
-        Ok((perm, q64)) => {
-            let q_new = q64.to_dtype(dtype)?;
-            if crate::optim::fused::all_finite(&q_new)? {
-                Ok(Robust::RetriedF64 {
-                    value: (perm, q_new),
-                    first,
-                })
-            } else {
-                Ok(Robust::Failed {
-                    first,
-                    retry: Some(LinalgError::NonFiniteOutput),
-                })
-            }
-        }
-        Err(retry) => Ok(Robust::Failed {
+    let retried = match attempt(DType::F64)? {
+        Ok(v) => back(v)?,
+        Err(e) => Err(e),
+    };
+    Ok(match retried {
+        Ok(value) => Robust::RetriedF64 { value, first },
+        Err(retry) => Robust::Failed {
             first,
             retry: Some(retry),
-        }),
+        },
+    })
+}
+
+/// Symmetric eigendecomposition of `a + shift·I` on its CUDA device (cuSOLVER `syevd`), under
+/// the f64-retry policy: the device twin of [`crate::linalg::eigh`].
+#[cfg(feature = "cuda")]
+pub fn eigh(
+    a: &Tensor,
+    shift: f64,
+    order: crate::linalg::Order,
+) -> Result<Robust<crate::linalg::Eigh>> {
+    crate::linalg::square_side(a, "eigh")?;
+    let dtype = a.dtype();
+    if !crate::optim::fused::all_finite(a)? {
+        return Ok(Robust::Failed {
+            first: LinalgError::NonFiniteInput,
+            retry: None,
+        });
     }
+    let outcome = with_device_retry(
+        dtype,
+        |dt| crate::cuda::solver::eigh(&a.to_dtype(dt)?, shift, order),
+        |(w, v)| {
+            Ok(finite_as(v, dtype)?.and_then(|v| match w.to_dtype(dtype) {
+                Ok(w) => Ok((w, v)),
+                Err(_) => Err(LinalgError::NonFiniteOutput),
+            }))
+        },
+    )?;
+    Ok(outcome.map(|(values, vectors)| crate::linalg::Eigh { values, vectors }))
+}
+
+/// `(A + εI)^(−1/root)` on its CUDA device through cuSOLVER's `syevd` and two products, with
+/// the eigenvalue rule of the host path ([`crate::linalg::root_powers`]) and the f64-retry
+/// policy: the device twin of [`crate::linalg::inverse_root`] for the eigen method.
+#[cfg(feature = "cuda")]
+pub fn inverse_root(
+    a: &Tensor,
+    root: f64,
+    epsilon: f64,
+    stability: crate::linalg::Stability,
+) -> Result<Robust<Tensor>> {
+    use crate::linalg::{Order, Stability};
+    let n = crate::linalg::square_side(a, "inverse_root")?;
+    let dtype = a.dtype();
+    if !crate::optim::fused::all_finite(a)? {
+        return Ok(Robust::Failed {
+            first: LinalgError::NonFiniteInput,
+            retry: None,
+        });
+    }
+    let perturb = matches!(
+        stability,
+        Stability::Perturbation {
+            perturb_before: true
+        }
+    );
+    let attempt = |dt: DType| -> Result<std::result::Result<Tensor, LinalgError>> {
+        let mut m = a.to_dtype(dt)?;
+        if perturb && epsilon != 0.0 {
+            m = (m + (Tensor::eye(n, dt, a.device())? * epsilon)?)?;
+        }
+        let (w, v) = match crate::cuda::solver::eigh(&m, 0.0, Order::Ascending)? {
+            Ok(x) => x,
+            Err(e) => return Ok(Err(e)),
+        };
+        let powers = crate::with_float!(dt, "inverse_root", T => {
+            let w: Vec<T> = w.to_vec1::<T>()?;
+            crate::linalg::root_powers::<T>(&w, root, epsilon, stability)
+        });
+        let p = Tensor::from_vec(powers, (1, n), a.device())?.to_dtype(dt)?;
+        let x = v.broadcast_mul(&p)?.matmul(&v.t()?)?;
+        finite_as(x, dt)
+    };
+    with_device_retry(dtype, attempt, |x| finite_as(x, dtype))
 }
 
 #[cfg(test)]

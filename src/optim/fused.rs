@@ -168,8 +168,10 @@ fn run_nested<'a, T: Float>(
 
 /// Runs `body` once over contiguous slices: `outs` mutable (written in place), `ins` shared.
 ///
-/// All tensors must be contiguous, on the CPU, of dtype `T`, and distinct (no two sharing
-/// storage). Lengths are checked by the caller's body; this only guarantees exclusive access.
+/// All tensors must be contiguous, of dtype `T`, and distinct (no two sharing storage). Lengths
+/// are checked by the caller's body; this only guarantees exclusive access. With the `cuda`
+/// feature, CUDA operands are copied to the host for the body and the outputs written back
+/// ([`crate::cuda::on_host`]): the path of the passes that have no kernel.
 pub fn zip_mut<T: Float>(
     outs: &[&Tensor],
     ins: &[&Tensor],
@@ -197,6 +199,10 @@ pub fn zip_mut<T: Float>(
                 dtype: t.dtype(),
             });
         }
+    }
+    #[cfg(feature = "cuda")]
+    if outs.iter().chain(ins).any(|t| t.device().is_cuda()) {
+        return crate::cuda::on_host(outs, ins, body);
     }
     let mut ptrs: Vec<(*mut T, usize)> = Vec::with_capacity(outs.len());
     run_nested::<T>(outs, ins, &mut ptrs, &mut body)

@@ -1,0 +1,408 @@
+//! cuSOLVER on candle tensors (feature `cuda`): the Householder QR (`geqrf` + `orgqr`) that
+//! backs SOAP's device refresh when Cholesky-QR breaks down (and is its benchmark baseline),
+//! and the symmetric eigendecomposition (`syevd`) for SOAP's first basis and Shampoo's inverse
+//! roots. One attempt each in the tensor's dtype; the f64-retry policy lives in
+//! [`crate::linalg::on_device`].
+//!
+//! cuSOLVER is column-major: the row-major buffer of `Aᵀ` is `A` in column-major order, so a
+//! matrix goes in transposed and its result comes out transposed back. A symmetric matrix is its
+//! own transpose; its lower triangle (row-major, as the host path reads it) is cuSOLVER's upper.
+
+use std::cell::RefCell;
+use std::ffi::c_int;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::Tensor;
+use cudarc::cusolver::safe::DnHandle;
+use cudarc::cusolver::sys::{
+    self as dn, cublasFillMode_t, cusolverDnHandle_t, cusolverEigMode_t, cusolverStatus_t,
+};
+use cudarc::driver::{DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+
+use super::with_device_ptrs;
+use crate::error::{Error, Result};
+use crate::linalg::{LinalgError, Order};
+use crate::optim::fused::Float;
+
+/// The dtype-specific cuSOLVER entry points.
+trait Lapack: Float + DeviceRepr + ValidAsZeroBits {
+    unsafe fn geqrf_size(
+        h: cusolverDnHandle_t,
+        m: c_int,
+        n: c_int,
+        a: *mut Self,
+        lda: c_int,
+        lwork: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn geqrf(
+        h: cusolverDnHandle_t,
+        m: c_int,
+        n: c_int,
+        a: *mut Self,
+        lda: c_int,
+        tau: *mut Self,
+        work: *mut Self,
+        lwork: c_int,
+        info: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn orgqr_size(
+        h: cusolverDnHandle_t,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        a: *const Self,
+        lda: c_int,
+        tau: *const Self,
+        lwork: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn orgqr(
+        h: cusolverDnHandle_t,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        a: *mut Self,
+        lda: c_int,
+        tau: *const Self,
+        work: *mut Self,
+        lwork: c_int,
+        info: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn syevd_size(
+        h: cusolverDnHandle_t,
+        jobz: cusolverEigMode_t,
+        uplo: cublasFillMode_t,
+        n: c_int,
+        a: *const Self,
+        lda: c_int,
+        w: *const Self,
+        lwork: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn syevd(
+        h: cusolverDnHandle_t,
+        jobz: cusolverEigMode_t,
+        uplo: cublasFillMode_t,
+        n: c_int,
+        a: *mut Self,
+        lda: c_int,
+        w: *mut Self,
+        work: *mut Self,
+        lwork: c_int,
+        info: *mut c_int,
+    ) -> cusolverStatus_t;
+}
+
+macro_rules! lapack {
+    ($t:ty, $geqrf_size:ident, $geqrf:ident, $orgqr_size:ident, $orgqr:ident, $syevd_size:ident, $syevd:ident) => {
+        impl Lapack for $t {
+            unsafe fn geqrf_size(
+                h: cusolverDnHandle_t,
+                m: c_int,
+                n: c_int,
+                a: *mut Self,
+                lda: c_int,
+                lwork: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$geqrf_size(h, m, n, a, lda, lwork)
+            }
+            unsafe fn geqrf(
+                h: cusolverDnHandle_t,
+                m: c_int,
+                n: c_int,
+                a: *mut Self,
+                lda: c_int,
+                tau: *mut Self,
+                work: *mut Self,
+                lwork: c_int,
+                info: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$geqrf(h, m, n, a, lda, tau, work, lwork, info)
+            }
+            unsafe fn orgqr_size(
+                h: cusolverDnHandle_t,
+                m: c_int,
+                n: c_int,
+                k: c_int,
+                a: *const Self,
+                lda: c_int,
+                tau: *const Self,
+                lwork: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$orgqr_size(h, m, n, k, a, lda, tau, lwork)
+            }
+            unsafe fn orgqr(
+                h: cusolverDnHandle_t,
+                m: c_int,
+                n: c_int,
+                k: c_int,
+                a: *mut Self,
+                lda: c_int,
+                tau: *const Self,
+                work: *mut Self,
+                lwork: c_int,
+                info: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$orgqr(h, m, n, k, a, lda, tau, work, lwork, info)
+            }
+            unsafe fn syevd_size(
+                h: cusolverDnHandle_t,
+                jobz: cusolverEigMode_t,
+                uplo: cublasFillMode_t,
+                n: c_int,
+                a: *const Self,
+                lda: c_int,
+                w: *const Self,
+                lwork: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$syevd_size(h, jobz, uplo, n, a, lda, w, lwork)
+            }
+            unsafe fn syevd(
+                h: cusolverDnHandle_t,
+                jobz: cusolverEigMode_t,
+                uplo: cublasFillMode_t,
+                n: c_int,
+                a: *mut Self,
+                lda: c_int,
+                w: *mut Self,
+                work: *mut Self,
+                lwork: c_int,
+                info: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$syevd(h, jobz, uplo, n, a, lda, w, work, lwork, info)
+            }
+        }
+    };
+}
+
+lapack!(
+    f32,
+    cusolverDnSgeqrf_bufferSize,
+    cusolverDnSgeqrf,
+    cusolverDnSorgqr_bufferSize,
+    cusolverDnSorgqr,
+    cusolverDnSsyevd_bufferSize,
+    cusolverDnSsyevd
+);
+lapack!(
+    f64,
+    cusolverDnDgeqrf_bufferSize,
+    cusolverDnDgeqrf,
+    cusolverDnDorgqr_bufferSize,
+    cusolverDnDorgqr,
+    cusolverDnDsyevd_bufferSize,
+    cusolverDnDsyevd
+);
+
+fn check(what: &str, status: cusolverStatus_t) -> Result<()> {
+    if status == cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Msg(format!("cuSOLVER {what}: {status:?}")))
+    }
+}
+
+fn int(x: usize, what: &str) -> Result<c_int> {
+    c_int::try_from(x).map_err(|_| Error::Msg(format!("cuSOLVER {what}: {x} exceeds 32-bit sizes")))
+}
+
+/// Runs `f` with a cuSOLVER handle on the device's stream (one handle per stream and thread,
+/// created on first use: creating one costs far more than a small factorization).
+fn with_handle<R>(dev: &CudaDevice, f: impl FnOnce(cusolverDnHandle_t) -> Result<R>) -> Result<R> {
+    thread_local! {
+        static HANDLES: RefCell<Vec<DnHandle>> = const { RefCell::new(Vec::new()) };
+    }
+    let stream = dev.cuda_stream();
+    // cuSOLVER runs in the calling thread's current context: make it the device's.
+    stream.context().bind_to_thread().w()?;
+    let handle = HANDLES.with(|h| -> Result<cusolverDnHandle_t> {
+        let mut h = h.borrow_mut();
+        if let Some(found) = h.iter().find(|x| Arc::ptr_eq(x.stream(), &stream)) {
+            return Ok(found.cu());
+        }
+        let created = DnHandle::new(stream.clone())
+            .map_err(|e| Error::Msg(format!("cuSOLVER handle: {e:?}")))?;
+        let cu = created.cu();
+        h.push(created);
+        Ok(cu)
+    })?;
+    f(handle)
+}
+
+/// The orthonormal factor `Q` (`m×n`, `m ≥ n`) of the Householder QR of a row-major matrix on
+/// a CUDA device, in its dtype; `Err(LinalgError)` when cuSOLVER reports a failure or the result
+/// is not finite.
+pub fn householder_q(a: &Tensor) -> Result<std::result::Result<Tensor, LinalgError>> {
+    let (m, n) = a.dims2()?;
+    if m < n {
+        return Err(Error::Msg(format!(
+            "householder_q: {m}×{n} has fewer rows than columns"
+        )));
+    }
+    crate::with_float!(a.dtype(), "householder_q", T => householder_q_typed::<T>(a, m, n))
+}
+
+fn householder_q_typed<T: Lapack>(
+    a: &Tensor,
+    m: usize,
+    n: usize,
+) -> Result<std::result::Result<Tensor, LinalgError>> {
+    if n == 0 {
+        return Ok(Ok(a.clone()));
+    }
+    let (mi, ni) = (int(m, "geqrf")?, int(n, "geqrf")?);
+    // Column-major A: the row-major buffer of Aᵀ (a fresh copy, factored in place).
+    let work = a.t()?.contiguous()?.copy()?;
+    let tau = Tensor::zeros(n, T::DTYPE, a.device())?;
+    let mut infos = [0i32; 2];
+    with_device_ptrs::<T>(&[&work, &tau], &[], |dev, o, _| {
+        with_handle(dev, |h| {
+            let (pa, ptau) = (o[0] as *mut T, o[1] as *mut T);
+            let (mut l1, mut l2): (c_int, c_int) = (0, 0);
+            // SAFETY: `pa` addresses m·n elements (lda = m) and `ptau` n, as checked by
+            // `with_device_ptrs`; the workspace below holds the sizes cuSOLVER asks for.
+            unsafe {
+                check(
+                    "geqrf_bufferSize",
+                    T::geqrf_size(h, mi, ni, pa, mi, &mut l1),
+                )?;
+                check(
+                    "orgqr_bufferSize",
+                    T::orgqr_size(h, mi, ni, ni, pa, mi, ptau, &mut l2),
+                )?;
+            }
+            let lwork = l1.max(l2).max(1);
+            let mut ws = dev.alloc_zeros::<T>(lwork as usize)?;
+            let mut info = dev.alloc_zeros::<i32>(2)?;
+            {
+                let stream = dev.cuda_stream();
+                let (pw, _ws_sync) = ws.device_ptr_mut(&stream);
+                let (pi, _info_sync) = info.device_ptr_mut(&stream);
+                let (pw, pi) = (pw as *mut T, pi as *mut c_int);
+                // SAFETY: as above; `pi` addresses two ints.
+                unsafe {
+                    check("geqrf", T::geqrf(h, mi, ni, pa, mi, ptau, pw, lwork, pi))?;
+                    check(
+                        "orgqr",
+                        T::orgqr(h, mi, ni, ni, pa, mi, ptau, pw, lwork, pi.add(1)),
+                    )?;
+                }
+            }
+            let host = dev.clone_dtoh(&info)?;
+            infos.copy_from_slice(&host);
+            Ok(())
+        })
+    })?;
+    if infos != [0, 0] {
+        return Ok(Err(LinalgError::Solver(format!(
+            "geqrf/orgqr info {infos:?}"
+        ))));
+    }
+    let q = work.t()?.contiguous()?;
+    if !crate::optim::fused::all_finite(&q)? {
+        return Ok(Err(LinalgError::NonFiniteOutput));
+    }
+    Ok(Ok(q))
+}
+
+/// Eigenvalues and eigenvectors (columns) of the symmetric `a + shift·I` on a CUDA device
+/// (`syevd`), in `order`, in `a`'s dtype; `Err(LinalgError)` when cuSOLVER does not converge or
+/// the result is not finite.
+pub fn eigh(
+    a: &Tensor,
+    shift: f64,
+    order: Order,
+) -> Result<std::result::Result<(Tensor, Tensor), LinalgError>> {
+    let n = crate::linalg::square_side(a, "eigh")?;
+    crate::with_float!(a.dtype(), "eigh", T => eigh_typed::<T>(a, n, shift, order))
+}
+
+fn eigh_typed<T: Lapack>(
+    a: &Tensor,
+    n: usize,
+    shift: f64,
+    order: Order,
+) -> Result<std::result::Result<(Tensor, Tensor), LinalgError>> {
+    if n == 0 {
+        return Ok(Ok((Tensor::zeros(0, T::DTYPE, a.device())?, a.clone())));
+    }
+    let ni = int(n, "syevd")?;
+    let mut work = a.contiguous()?.copy()?;
+    if shift != 0.0 {
+        work = (work + (Tensor::eye(n, T::DTYPE, a.device())? * shift)?)?.contiguous()?;
+    }
+    let values = Tensor::zeros(n, T::DTYPE, a.device())?;
+    let mut status = 0i32;
+    let (jobz, uplo) = (
+        cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
+        // The row-major lower triangle, which the host path reads.
+        cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+    );
+    with_device_ptrs::<T>(&[&work, &values], &[], |dev, o, _| {
+        with_handle(dev, |h| {
+            let (pa, pw) = (o[0] as *mut T, o[1] as *mut T);
+            let mut lwork: c_int = 0;
+            // SAFETY: `pa` addresses n·n elements (lda = n), `pw` n, as checked by
+            // `with_device_ptrs`; the workspace holds the size cuSOLVER asks for.
+            unsafe {
+                check(
+                    "syevd_bufferSize",
+                    T::syevd_size(h, jobz, uplo, ni, pa, ni, pw, &mut lwork),
+                )?;
+            }
+            let lwork = lwork.max(1);
+            let mut ws = dev.alloc_zeros::<T>(lwork as usize)?;
+            let mut info = dev.alloc_zeros::<i32>(1)?;
+            {
+                let stream = dev.cuda_stream();
+                let (pws, _ws_sync) = ws.device_ptr_mut(&stream);
+                let (pi, _info_sync) = info.device_ptr_mut(&stream);
+                // SAFETY: as above; `pi` addresses one int.
+                unsafe {
+                    check(
+                        "syevd",
+                        T::syevd(
+                            h,
+                            jobz,
+                            uplo,
+                            ni,
+                            pa,
+                            ni,
+                            pw,
+                            pws as *mut T,
+                            lwork,
+                            pi as *mut c_int,
+                        ),
+                    )?;
+                }
+            }
+            status = dev.clone_dtoh(&info)?[0];
+            Ok(())
+        })
+    })?;
+    if status != 0 {
+        return Ok(Err(if status > 0 {
+            LinalgError::NoConvergence
+        } else {
+            LinalgError::Solver(format!("syevd info {status}"))
+        }));
+    }
+    // Column-major eigenvectors: the row-major buffer holds Vᵀ. Ascending order from syevd.
+    let mut vectors = work.t()?.contiguous()?;
+    let mut values = values;
+    if order == Order::Descending {
+        let rev: Vec<u32> = (0..n as u32).rev().collect();
+        let rev = Tensor::from_vec(rev, n, a.device())?;
+        vectors = vectors.index_select(&rev, 1)?.contiguous()?;
+        values = values.index_select(&rev, 0)?;
+    }
+    let finite = crate::optim::fused::all_finite_each(&[&values, &vectors])?;
+    if finite.contains(&false) {
+        return Ok(Err(LinalgError::NonFiniteOutput));
+    }
+    Ok(Ok((values, vectors)))
+}
