@@ -492,6 +492,77 @@ __device__ void solve_upper_right_t(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SGD (src/optim/sgd.rs, Sgd::step_typed). Exactly one decay is active (decay = 1 − lr·wd with
+// l2 = 0, or decay = 1 with l2 = wd).
+// Without momentum: out: p; in: g. s: decay, sign, l2, lr
+template <typename T>
+__device__ void sgd(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* g = a.in[0];
+    const T decay = a.s[0], sign = a.s[1], l2 = a.s[2], lr = a.s[3];
+    GRID_STRIDE(k, a.n) {
+        const T pk = p[k] * decay;
+        const T d = sign * g[k] + l2 * pk;
+        p[k] = pk - lr * d;
+    }
+}
+
+// With momentum: out: p, buf; in: g. s: decay, sign, l2, lr, mu, keep (1 − dampening),
+// first (≠ 0: the buffer starts as d), nesterov (≠ 0)
+template <typename T>
+__device__ void sgd_momentum(const Args<T>& a) {
+    T* p = a.out[0];
+    T* b = a.out[1];
+    const T* g = a.in[0];
+    const T decay = a.s[0], sign = a.s[1], l2 = a.s[2], lr = a.s[3], mu = a.s[4], keep = a.s[5];
+    const bool first = a.s[6] != T(0), nesterov = a.s[7] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T pk = p[k] * decay;
+        const T d = sign * g[k] + l2 * pk;
+        const T bk = first ? d : b[k] * mu + keep * d;
+        b[k] = bk;
+        const T u = nesterov ? d + mu * bk : bk;
+        p[k] = pk - lr * u;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SophiaG (src/optim/sophia.rs). Update: out: p, m; in: g, h.
+// s: decay, neg_lr, b1, c1, scale (ρ·bs), floor, sgn (−1 when maximizing)
+__device__ __forceinline__ float min_of(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double min_of(double a, double b) { return fmin(a, b); }
+
+template <typename T>
+__device__ void sophia(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    const T* g = a.in[0];
+    const T* h = a.in[1];
+    const T decay = a.s[0], neg_lr = a.s[1], b1 = a.s[2], c1 = a.s[3], scale = a.s[4];
+    const T floor_ = a.s[5], sgn = a.s[6];
+    GRID_STRIDE(k, a.n) {
+        const T pk = p[k] * decay;
+        const T mk = m[k] * b1 + (sgn * g[k]) * c1;
+        m[k] = mk;
+        const T mag = mk < T(0) ? -mk : mk;
+        const T ratio = min_of(mag / (scale * h[k] + floor_), T(1));
+        p[k] = pk + neg_lr * sign_of(mk) * ratio;
+    }
+}
+
+// Hessian EMA: h ← β2·h + (1 − β2)·e (or ·e², square ≠ 0). out: h; in: e. s: b2, c2, square
+template <typename T>
+__device__ void sophia_hessian(const Args<T>& a) {
+    T* h = a.out[0];
+    const T* e = a.in[0];
+    const T b2 = a.s[0], c2 = a.s[1];
+    const bool square = a.s[2] != T(0);
+    GRID_STRIDE(k, a.n) {
+        h[k] = square ? h[k] * b2 + c2 * e[k] * e[k] : h[k] * b2 + c2 * e[k];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
 template <typename T>
@@ -535,6 +606,10 @@ ENTRY(factor_ema, factor_ema)
 ENTRY(soap_moments, soap_moments)
 ENTRY(soap_adam, soap_adam)
 ENTRY(soap_apply, soap_apply)
+ENTRY(sgd, sgd)
+ENTRY(sgd_momentum, sgd_momentum)
+ENTRY(sophia, sophia)
+ENTRY(sophia_hessian, sophia_hessian)
 ENTRY(column_dots, column_dots)
 ENTRY_SYNC(cholesky_upper, cholesky_upper)
 ENTRY(solve_upper_right_t, solve_upper_right_t)

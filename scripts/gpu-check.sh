@@ -6,12 +6,14 @@
 #                                  scripts/cuda-env.sh) and leaves it, stripped (~42 MB), in
 #                                  .cuda/gpu-check/ (git-ignored: carry that folder over).
 #   scripts/gpu-check.sh           on the GPU machine (CUDA 13 driver and libraries, no Rust):
-#                                  runs that binary: every kernel against its CPU twin, then the
-#                                  AdamW timing table; writes the log to results/gpu/ (and to
+#                                  runs that binary: every kernel and solver against its CPU
+#                                  twin, the golden files on the GPU, then the timing tables
+#                                  (AdamW, SOAP, refresh); writes the log to results/gpu/ (and to
 #                                  $OUT when set). Exits non-zero when a check fails.
 #
 # On the GPU machine the binary needs libcuda.so.1 (the driver) and the CUDA 13 runtime
-# libraries libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13) and libcurand.so.10. Those
+# libraries libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13), libcurand.so.10 and
+# libcusolver.so.12 (+ libcusparse.so.12 and what it loads, e.g. libnvJitLink.so.13). Those
 # not found by the loader are searched for under /usr/local/cuda*, /usr/lib*, /opt and Python
 # site-packages (the nvidia-* wheels) and added to LD_LIBRARY_PATH. The stub libraries of
 # scripts/cuda-env.sh are never used here: they would hide the real driver.

@@ -250,6 +250,13 @@ fn schedule_free_matches_cpu() {
 }
 
 #[test]
+fn sgd_and_sophia_match_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "sgd");
+    twins_of(&dev, "sophia");
+}
+
+#[test]
 fn muon_matches_cpu() {
     let Some(dev) = cuda() else { return };
     twins_of(&dev, "muon");

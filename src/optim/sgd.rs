@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -129,20 +129,27 @@ impl Sgd {
         };
         let lr = T::of(lr);
         match buf {
-            None => zip_mut::<T>(&[param.as_tensor()], &[grad], |o, i| {
-                let (p, g) = (&mut *o[0], i[0]);
-                for k in 0..p.len() {
-                    p[k] *= decay;
-                    let d = sign * g[k] + l2 * p[k];
-                    p[k] -= lr * d;
-                }
-                Ok(())
-            }),
+            None => {
+                let scalars = [decay, sign, l2, lr];
+                let kernel = Kernel::new("sgd", &scalars);
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[grad], |o, i| {
+                    let (p, g) = (&mut *o[0], i[0]);
+                    for k in 0..p.len() {
+                        p[k] *= decay;
+                        let d = sign * g[k] + l2 * p[k];
+                        p[k] -= lr * d;
+                    }
+                    Ok(())
+                })
+            }
             Some((buf, first)) => {
                 let mu = T::of(c.momentum);
                 let keep = T::of(1.0 - c.dampening);
                 let nesterov = c.nesterov;
-                zip_mut::<T>(&[param.as_tensor(), buf], &[grad], |o, i| {
+                let flag = |b: bool| if b { T::one() } else { T::zero() };
+                let scalars = [decay, sign, l2, lr, mu, keep, flag(first), flag(nesterov)];
+                let kernel = Kernel::new("sgd_momentum", &scalars);
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), buf], &[grad], |o, i| {
                     let g = i[0];
                     let [p, b] = o else {
                         unreachable!("two outputs")

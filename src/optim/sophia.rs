@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::lion::sign;
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -132,7 +132,9 @@ impl Sophia {
         let scale = T::of(c.rho * c.bs as f64);
         let floor = T::of(DENOM_FLOOR);
         let sgn = if c.maximize { -T::one() } else { T::one() };
-        zip_mut::<T>(&[param.as_tensor(), m], &[grad, h], |o, i| {
+        let scalars = [decay, neg_lr, b1, c1, scale, floor, sgn];
+        let kernel = Kernel::new("sophia", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad, h], |o, i| {
             let (g, h) = (i[0], i[1]);
             let [p, m] = o else {
                 unreachable!("two outputs")
@@ -149,7 +151,9 @@ impl Sophia {
 
     fn fold_hessian<T: Float>(&self, h: &Tensor, value: &Tensor, square: bool) -> Result<()> {
         let (b2, c2) = (T::of(self.0.betas.1), T::of(1.0 - self.0.betas.1));
-        zip_mut::<T>(&[h], &[value], |o, i| {
+        let scalars = [b2, c2, if square { T::one() } else { T::zero() }];
+        let kernel = Kernel::new("sophia_hessian", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[h], &[value], |o, i| {
             let (h, e) = (&mut *o[0], i[0]);
             if square {
                 for k in 0..h.len() {

@@ -196,6 +196,18 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
         // roles take the AdamW kernel.
         ("muon", "lr = 0.02\nweight_decay = 0.1", 2),
         ("muon", "nesterov = false\nns_steps = 3", 2),
+        ("sgd", "lr = 0.01\nweight_decay = 0.1", 2),
+        (
+            "sgd",
+            "lr = 0.01\nmomentum = 0.9\ndampening = 0.1\nnesterov = false\nweight_decay = 0.05",
+            3,
+        ),
+        (
+            "sgd",
+            "lr = 0.01\nmomentum = 0.9\nnesterov = true\ndecoupled_weight_decay = true\nweight_decay = 0.05\nmaximize = true",
+            3,
+        ),
+        ("sophia", "lr = 0.01\nbs = 1\nrho = 0.05\nweight_decay = 0.1", 3),
         // SOAP: moments, Adam in the eigenbasis and the update around the rotations (matrix
         // products) and refreshes (every 2 steps here).
         (
