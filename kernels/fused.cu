@@ -563,6 +563,103 @@ __device__ void sophia_hessian(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shampoo (src/optim/shampoo.rs). Its lerp takes the weight and its complement, both rounded
+// from f64 by the caller, and picks the form on the f64 weight (flag `small`: w < 0.5).
+template <typename T>
+__device__ __forceinline__ T lerp_split(T a, T b, T w, T omw, bool small) {
+    if (small) return a + w * (b - a);
+    return b - (b - a) * omw;
+}
+
+// Grafting state, filtered gradient and grafted direction in one pass (Shampoo::apply, steps
+// 2–3). The outputs present are packed in the order v, m, ḡ, a; their indices (−1: absent) are
+// s[10..14]. in: g.
+// s: bc1, b1w, 1−b1w, b3w, 1−b3w, flags (bit 0 use_bc1, 1 same_beta, 2 skip_decay, 3 b1w < ½,
+//    4 b3w < ½), decay, wg, bcg, epsg, iv, im, ig, ia
+template <typename T>
+__device__ void shampoo_graft(const Args<T>& a) {
+    const T* g = a.in[0];
+    const T bc1 = a.s[0], b1w = a.s[1], omb1w = a.s[2], b3w = a.s[3], omb3w = a.s[4];
+    const int flags = (int)a.s[5];
+    const bool use_bc1 = flags & 1, same_beta = flags & 2, skip_decay = flags & 4;
+    const bool small1 = flags & 8, small3 = flags & 16;
+    const T decay = a.s[6], wg = a.s[7], bcg = a.s[8], epsg = a.s[9];
+    const int iv = (int)a.s[10], im = (int)a.s[11], ig = (int)a.s[12], ia = (int)a.s[13];
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        if (iv >= 0) {
+            T* v = a.out[iv];
+            const T old = skip_decay ? v[k] : decay * v[k];
+            v[k] = old + wg * gk * gk;
+        }
+        T gb = gk;
+        if (im >= 0) {
+            T* m = a.out[im];
+            const T old = m[k];
+            const T nw = lerp_split(old, gk, b1w, omb1w, small1);
+            m[k] = nw;
+            gb = same_beta ? nw : lerp_split(old, gk, b3w, omb3w, small3);
+            if (use_bc1) gb = gb / bc1;
+        }
+        if (ig >= 0) a.out[ig][k] = gb;
+        if (ia >= 0 && iv >= 0) a.out[ia][k] = gb / (root(a.out[iv][k] / bcg) + epsg);
+    }
+}
+
+// Weight decay and update without momentum (steps 5 and 7). out: p; in: d.
+// s: alpha, neg_lr, decay (≠ 0: add alpha·p)
+template <typename T>
+__device__ void shampoo_update(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* d = a.in[0];
+    const T alpha = a.s[0], neg_lr = a.s[1];
+    const bool decay = a.s[2] != T(0);
+    GRID_STRIDE(k, a.n) {
+        T dk = d[k];
+        if (decay) dk = dk + alpha * p[k];
+        p[k] = p[k] + dk * neg_lr;
+    }
+}
+
+// With classic momentum (steps 5–7). out: p, buf; in: d.
+// s: alpha, neg_lr, decay (≠ 0), mu, keep (1 − dampening), nesterov (≠ 0)
+template <typename T>
+__device__ void shampoo_update_momentum(const Args<T>& a) {
+    T* p = a.out[0];
+    T* b = a.out[1];
+    const T* d = a.in[0];
+    const T alpha = a.s[0], neg_lr = a.s[1], mu = a.s[3], keep = a.s[4];
+    const bool decay = a.s[2] != T(0), nesterov = a.s[5] != T(0);
+    GRID_STRIDE(k, a.n) {
+        T dk = d[k];
+        if (decay) dk = dk + alpha * p[k];
+        const T bk = b[k] * mu + keep * dk;
+        b[k] = bk;
+        dk = nesterov ? dk * keep + mu * bk : bk;
+        p[k] = p[k] + dk * neg_lr;
+    }
+}
+
+// out = x / divisor (Shampoo's bias-corrected factors; `divided`). out: o; in: x. s: divisor
+// out = g + λ·w (Shampoo's L2 decay; `with_l2`): add_scaled. out: o; in: g, w. s: λ
+template <typename T>
+__device__ void divide_by(const Args<T>& a) {
+    T* o = a.out[0];
+    const T* x = a.in[0];
+    const T div = a.s[0];
+    GRID_STRIDE(k, a.n) { o[k] = x[k] / div; }
+}
+
+template <typename T>
+__device__ void add_scaled(const Args<T>& a) {
+    T* o = a.out[0];
+    const T* g = a.in[0];
+    const T* w = a.in[1];
+    const T lambda = a.s[0];
+    GRID_STRIDE(k, a.n) { o[k] = g[k] + lambda * w[k]; }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
 template <typename T>
@@ -610,6 +707,11 @@ ENTRY(sgd, sgd)
 ENTRY(sgd_momentum, sgd_momentum)
 ENTRY(sophia, sophia)
 ENTRY(sophia_hessian, sophia_hessian)
+ENTRY(shampoo_graft, shampoo_graft)
+ENTRY(shampoo_update, shampoo_update)
+ENTRY(shampoo_update_momentum, shampoo_update_momentum)
+ENTRY(divide_by, divide_by)
+ENTRY(add_scaled, add_scaled)
 ENTRY(column_dots, column_dots)
 ENTRY_SYNC(cholesky_upper, cholesky_upper)
 ENTRY(solve_upper_right_t, solve_upper_right_t)

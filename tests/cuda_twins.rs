@@ -42,9 +42,12 @@ fn tolerance(dtype: DType) -> f64 {
 
 /// Muon's Newton–Schulz runs as cuBLAS products on the GPU and candle's CPU products on the
 /// CPU: another summation order, amplified by the iteration's steep polynomial. SOAP's bases
-/// come from cuSOLVER and Cholesky-QR on the GPU, faer on the CPU: the refresh bound.
+/// and Shampoo's roots come from cuSOLVER and Cholesky-QR on the GPU, faer on the CPU: the
+/// refresh bound.
 fn tolerance_of(toml: &str, dtype: DType) -> f64 {
-    let matrix_heavy = toml.starts_with("name = \"muon\"") || toml.starts_with("name = \"soap\"");
+    let matrix_heavy = ["muon", "soap", "shampoo"]
+        .iter()
+        .any(|n| toml.starts_with(&format!("name = \"{n}\"")));
     match (matrix_heavy, dtype) {
         (true, DType::F32) => 1e-4,
         (true, _) => 1e-10,
@@ -418,17 +421,12 @@ fn device_solvers_match_cpu() {
     }
 }
 
-/// The Shampoo twin: inverse roots on the device, grafting and momentum as on the CPU.
+/// Shampoo on the GPU (fused grafting, update and factor passes; inverse roots through
+/// cuSOLVER) against the CPU.
 #[test]
 fn shampoo_matches_cpu() {
     let Some(dev) = cuda() else { return };
-    let toml = "name = \"shampoo\"\nlr = 0.01\nprecondition_frequency = 2\nstart_preconditioning_step = 2\ngrafting_config = { type = \"adam\", beta2 = 0.99, epsilon = 1e-8 }";
-    let shapes: &[(&str, &[usize])] = &[
-        ("blocks.0.attn.att_proj.weight", &[21, 19]),
-        ("blocks.0.mlp.fc.weight", &[64, 33]),
-        ("blocks.0.norm.weight", &[19]),
-    ];
-    twin(&dev, toml, shapes, 4);
+    twins_of(&dev, "shampoo");
 }
 
 /// The Kronecker-factor statistics: the EMA kernel (`ema_update`) and the one-gemm update of

@@ -69,7 +69,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::{check, Error, Result};
 use crate::linalg::{self, InverseRoot, LinalgError, Robust, RootMethod, Stability};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{all_finite, sum_sq, zip_mut, Float};
+use crate::optim::fused::{all_finite, sum_sq, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::kron::{
     ema_update, mode_gram, mode_products, Blocks, FactorEma, KronLayout, Refresh,
 };
@@ -829,7 +829,8 @@ fn divided(x: &Tensor, divisor: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     with_float!(x.dtype(), "shampoo", T => {
         let d = T::of(divisor);
-        zip_mut::<T>(&[&out], &[&x], |o, i| {
+        let scalars = [d];
+        zip_mut_or_kernel::<T>(Kernel::new("divide_by", &scalars), &[&out], &[&x], |o, i| {
             for (o, &v) in o[0].iter_mut().zip(i[0]) {
                 *o = v / d;
             }
@@ -1064,7 +1065,30 @@ impl Shampoo {
                 T::of(gc.epsilon),
             );
             let skip_decay = gc.decay == 1.0;
-            zip_mut::<T>(&outs, &[g], |o, i| {
+            let flags = u8::from(use_bc1)
+                | u8::from(same_beta) << 1
+                | u8::from(skip_decay) << 2
+                | u8::from(b1w < 0.5) << 3
+                | u8::from(b3w < 0.5) << 4;
+            let index = |i: Option<usize>| T::of(i.map_or(-1.0, |i| i as f64));
+            let scalars = [
+                bc1,
+                T::of(b1w),
+                T::of(1.0 - b1w),
+                T::of(b3w),
+                T::of(1.0 - b3w),
+                T::of(f64::from(flags)),
+                decay,
+                wg,
+                bcg,
+                epsg,
+                index(iv),
+                index(im),
+                index(ig),
+                index(ia),
+            ];
+            let kernel = Kernel::new("shampoo_graft", &scalars);
+            zip_mut_or_kernel::<T>(kernel, &outs, &[g], |o, i| {
                 let g = i[0];
                 for k in 0..g.len() {
                     let gk = g[k];
@@ -1165,18 +1189,23 @@ impl Shampoo {
         };
         let (alpha_t, neg_lr) = (T::of(alpha), T::of(-ctx.lr));
         let d = d.contiguous()?;
+        let has_decay = if alpha != 0.0 { T::one() } else { T::zero() };
         match c.iterate_averaging_config {
-            IterateAveraging::None => zip_mut::<T>(&[param.as_tensor()], &[&d], |o, i| {
-                let (p, d) = (&mut *o[0], i[0]);
-                for k in 0..p.len() {
-                    let mut dk = d[k];
-                    if alpha != 0.0 {
-                        dk += alpha_t * p[k];
+            IterateAveraging::None => {
+                let scalars = [alpha_t, neg_lr, has_decay];
+                let kernel = Kernel::new("shampoo_update", &scalars);
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&d], |o, i| {
+                    let (p, d) = (&mut *o[0], i[0]);
+                    for k in 0..p.len() {
+                        let mut dk = d[k];
+                        if alpha != 0.0 {
+                            dk += alpha_t * p[k];
+                        }
+                        p[k] += dk * neg_lr;
                     }
-                    p[k] += dk * neg_lr;
-                }
-                Ok(())
-            }),
+                    Ok(())
+                })
+            }
             IterateAveraging::ClassicMomentum {
                 momentum,
                 dampening,
@@ -1184,7 +1213,10 @@ impl Shampoo {
             } => {
                 let buf = state.tensor_or_zeros("momentum_buffer", param)?.clone();
                 let (mu, keep) = (T::of(momentum), T::of(1.0 - dampening));
-                zip_mut::<T>(&[param.as_tensor(), &buf], &[&d], |o, i| {
+                let nesterov = if use_nesterov { T::one() } else { T::zero() };
+                let scalars = [alpha_t, neg_lr, has_decay, mu, keep, nesterov];
+                let kernel = Kernel::new("shampoo_update_momentum", &scalars);
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), &buf], &[&d], |o, i| {
                     let [p, b] = o else {
                         unreachable!("two outputs")
                     };
@@ -1224,7 +1256,8 @@ fn with_l2(g: &Tensor, w: &Tensor, wd: f64) -> Result<Tensor> {
     let out = g.zeros_like()?;
     with_float!(g.dtype(), "shampoo", T => {
         let wd = T::of(wd);
-        zip_mut::<T>(&[&out], &[g, w], |o, i| {
+        let scalars = [wd];
+        zip_mut_or_kernel::<T>(Kernel::new("add_scaled", &scalars), &[&out], &[g, w], |o, i| {
             for k in 0..o[0].len() {
                 o[0][k] = i[0][k] + wd * i[1][k];
             }

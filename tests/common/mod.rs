@@ -208,6 +208,18 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
             3,
         ),
         ("sophia", "lr = 0.01\nbs = 1\nrho = 0.05\nweight_decay = 0.1", 3),
+        // Shampoo: grafting/filtering pass, update passes, bias-corrected factors; the inverse
+        // roots (eigendecompositions) run the same way in both runs.
+        (
+            "shampoo",
+            "lr = 0.01\nbetas = [0.9, 0.95]\nbeta3 = 0.8\nweight_decay = 0.05\nweight_decay_type = \"l2\"\nmax_preconditioner_dim = 128\nprecondition_frequency = 2\nstart_preconditioning_step = 2\ngrafting_config = { type = \"adam\", beta2 = 0.95, epsilon = 1e-8 }\niterate_averaging_config = { type = \"classic_momentum\", momentum = 0.5, dampening = 0.1, use_nesterov = true }",
+            4,
+        ),
+        (
+            "shampoo",
+            "lr = 0.01\nbetas = [0.6, 0.99]\nweight_decay = 0.05\nuse_bias_correction = false\nmax_preconditioner_dim = 128\nprecondition_frequency = 2\nstart_preconditioning_step = 3\ngrafting_config = { type = \"sgd\" }",
+            4,
+        ),
         // SOAP: moments, Adam in the eigenbasis and the update around the rotations (matrix
         // products) and refreshes (every 2 steps here).
         (
