@@ -1257,7 +1257,7 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                 .points
                 .iter()
                 .map(|&(ti, d, b_star, _)| ScalingPoint {
-                    label: format!("target {ti}"),
+                    label: format!("target {ti}, D = {d}"),
                     x: d,
                     b_star,
                 })
