@@ -604,7 +604,7 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
     let mut failures = Vec::new();
     let mut power_laws = Vec::new();
     let many = scenarios.len() > 1;
-    for ti in 0..targets.len() {
+    for (ti, target) in targets.iter().enumerate() {
         for o in &optimizers {
             let mut rows = Vec::new();
             for s in &scenarios {
@@ -637,7 +637,7 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
                                 n_params: (!spec.models.is_empty())
                                     .then(|| sample.map(|r| r.n_params))
                                     .flatten(),
-                                tokens: targets[ti].tokens.get(s).copied(),
+                                tokens: target.tokens.get(s).copied(),
                             });
                         }
                     }
