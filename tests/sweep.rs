@@ -647,3 +647,38 @@ fn malformed_sweep_files_name_the_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+#[test]
+fn the_committed_cbs_scaling_sweeps_share_their_d64_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/configs");
+    let data = SweepSpec::from_file(&root.join("cbs-data-size.toml"))
+        .and_then(|s| s.plan())
+        .unwrap();
+    let model = SweepSpec::from_file(&root.join("cbs-model-size.toml"))
+        .and_then(|s| s.plan())
+        .unwrap();
+    assert_eq!((data.runs.len(), model.runs.len()), (15, 45));
+    assert_eq!(data.spec.runs_dir, model.spec.runs_dir);
+    let d64: BTreeSet<&str> = model
+        .runs
+        .iter()
+        .filter(|r| r.coords.model == "d64")
+        .map(|r| r.id.as_str())
+        .collect();
+    let shared: BTreeSet<&str> = data.runs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(d64, shared);
+    // Targets after D tokens: every run is long enough to pass the largest D at B = 8's pace.
+    let largest = data
+        .spec
+        .targets
+        .reference
+        .iter()
+        .filter_map(|t| t.tokens)
+        .max()
+        .unwrap();
+    for r in &model.runs {
+        let tokens =
+            r.config.total_steps() * (r.coords.batch_size * r.config.model.context()) as u64;
+        assert!(tokens > largest, "{}", r.coords.describe());
+    }
+}

@@ -21,8 +21,17 @@
 //! **Fits.** Per target, each group (an optimizer, with its scenario when the sweep has more
 //! than one) gets `S(B) = a + b/B` and `B*` via [`crate::analysis`] with `B0 = report.b0`;
 //! groups that cannot be fitted (fewer than 3 batch sizes reaching the target, a degenerate fit)
-//! are listed with the reason. Power laws of `B*` against model and data size are fitted per
-//! optimizer across its scenarios.
+//! are listed with the reason.
+//!
+//! **Data size.** A target's data size `D` in a scenario is the token count of its reference
+//! (`tokens = D`: the loss the reference batch reached after `D` tokens, as the CBS paper defines
+//! its targets) or else the scenario's budget in tokens, when the sweep has a budget axis.
+//!
+//! **Power laws** of `B*`: per target and optimizer across scenarios, against model size `N`
+//! (the non-embedding parameters, with a model axis) and data size `D` (where it differs between
+//! scenarios); and per optimizer and scenario across the targets that have a data size, against
+//! `D` — with a constant learning rate one set of runs long enough for the largest `D` serves
+//! every smaller one, so `B*` against data size needs no budget axis.
 //!
 //! Nothing in `report.json` except its `timing` object depends on wall-clock time, so an
 //! interrupted and resumed sweep reports exactly what an uninterrupted one does.
@@ -99,6 +108,10 @@ pub struct TargetValue {
     /// Value per scenario (`""` when the sweep has one scenario); missing where the reference
     /// runs have not finished.
     pub values: BTreeMap<String, f64>,
+    /// Data size `D` in tokens per scenario (see the module docs); empty when the target has
+    /// none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, f64>,
 }
 
 /// Steps to target of one optimizer at one batch size in one scenario.
@@ -201,6 +214,41 @@ pub struct OptimizerLaws {
     /// `B* = c·D^e`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<PowerLaw>,
+    /// The same law for `b/(5a)` against `N` (free of the `1.2·B0` offset of `B*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_params_asymptotic: Option<PowerLaw>,
+    /// The same law for `b/(5a)` against `D`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_asymptotic: Option<PowerLaw>,
+}
+
+/// `B* = c·D^e` of one optimizer in one scenario, fitted across the targets that have a data
+/// size `D`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataLaw {
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Scenario.
+    pub scenario: String,
+    /// `(target index, D, B*, b/(5a))` of every fitted target, ascending `D`.
+    pub points: Vec<(usize, f64, f64, f64)>,
+    /// The fit of `B*`.
+    pub law: PowerLaw,
+    /// The fit of `b/(5a)` (free of the `1.2·B0` offset of `B*`; absent where it is not
+    /// positive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asymptotic: Option<PowerLaw>,
+}
+
+/// `y = c·x^e` over `(x, y)` points with at least two distinct `x`, if it can be fitted.
+fn optional_law(what: &str, points: &[(f64, f64)]) -> Option<PowerLaw> {
+    let mut xs: Vec<f64> = points.iter().map(|p| p.0).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    if xs.len() < 2 {
+        return None;
+    }
+    analysis::fit_power_law(what, points).ok()
 }
 
 /// Seconds per step of one optimizer at one batch size (mean over finished runs).
@@ -252,8 +300,10 @@ pub struct SweepReport {
     pub cbs: Vec<GroupCbs>,
     /// Groups that could not be fitted.
     pub cbs_failures: Vec<FitFailure>,
-    /// Power laws.
+    /// Power laws across scenarios, per target.
     pub power_laws: Vec<OptimizerLaws>,
+    /// Power laws against data size across targets, per scenario.
+    pub data_laws: Vec<DataLaw>,
     /// Every run.
     pub run_results: Vec<RunResult>,
     /// Wall-clock measurements (the only part that differs between identical sweeps).
@@ -342,11 +392,20 @@ fn gather(plan: &Plan) -> Result<Vec<RunResult>> {
 }
 
 fn resolve_targets(plan: &Plan, runs: &[RunResult], scenarios: &[String]) -> Vec<TargetValue> {
+    // The budget of each scenario in tokens, where its budget entry names one.
+    let budget_tokens: BTreeMap<String, f64> = scenarios
+        .iter()
+        .filter_map(|s| {
+            let r = runs.iter().find(|r| &r.coords.scenario() == s)?;
+            Some((s.clone(), r.budget_tokens?))
+        })
+        .collect();
     let mut out = Vec::new();
     for &l in &plan.spec.targets.loss {
         out.push(TargetValue {
             name: format!("loss {l}"),
             values: scenarios.iter().map(|s| (s.clone(), l)).collect(),
+            tokens: budget_tokens.clone(),
         });
     }
     for r in &plan.spec.targets.reference {
@@ -381,9 +440,14 @@ fn resolve_targets(plan: &Plan, runs: &[RunResult], scenarios: &[String]) -> Vec
                 values.insert(s.clone(), v);
             }
         }
+        let tokens = match (r.step, r.tokens) {
+            (None, Some(t)) => values.keys().map(|s| (s.clone(), t as f64)).collect(),
+            _ => budget_tokens.clone(),
+        };
         out.push(TargetValue {
             name: format!("{} at B={}{at}", r.optimizer, r.batch_size),
             values,
+            tokens,
         });
     }
     out
@@ -391,8 +455,14 @@ fn resolve_targets(plan: &Plan, runs: &[RunResult], scenarios: &[String]) -> Vec
 
 /// Builds the report of `plan` from its run directories (finished and diverged runs).
 pub fn build(plan: &Plan) -> Result<SweepReport> {
+    let runs = gather(plan)?;
+    build_from(plan, runs)
+}
+
+/// The report of `plan` from what is known about its runs (one [`RunResult`] per planned run,
+/// in plan order).
+fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
     let spec = &plan.spec;
-    let mut runs = gather(plan)?;
     let mut scenarios: Vec<String> = Vec::new();
     for r in &plan.runs {
         let s = r.coords.scenario();
@@ -534,7 +604,7 @@ pub fn build(plan: &Plan) -> Result<SweepReport> {
     let mut failures = Vec::new();
     let mut power_laws = Vec::new();
     let many = scenarios.len() > 1;
-    for ti in 0..targets.len() {
+    for (ti, target) in targets.iter().enumerate() {
         for o in &optimizers {
             let mut rows = Vec::new();
             for s in &scenarios {
@@ -567,7 +637,7 @@ pub fn build(plan: &Plan) -> Result<SweepReport> {
                                 n_params: (!spec.models.is_empty())
                                     .then(|| sample.map(|r| r.n_params))
                                     .flatten(),
-                                tokens: sample.and_then(|r| r.budget_tokens),
+                                tokens: target.tokens.get(s).copied(),
                             });
                         }
                     }
@@ -581,14 +651,57 @@ pub fn build(plan: &Plan) -> Result<SweepReport> {
             if rows.len() > 1 {
                 if let Ok(rep) = analysis::analyze(&rows, b0) {
                     if rep.power_laws.n_params.is_some() || rep.power_laws.tokens.is_some() {
+                        let asymptotic = |x: fn(&analysis::GroupFit) -> Option<f64>| {
+                            let points: Vec<(f64, f64)> = rep
+                                .groups
+                                .iter()
+                                .filter_map(|g| Some((x(g)?, g.fit.b_star_asymptotic)))
+                                .collect();
+                            optional_law("b/(5a)", &points)
+                        };
                         power_laws.push(OptimizerLaws {
                             target: ti,
                             optimizer: o.clone(),
                             n_params: rep.power_laws.n_params,
                             tokens: rep.power_laws.tokens,
+                            n_params_asymptotic: asymptotic(|g| g.n_params),
+                            tokens_asymptotic: asymptotic(|g| g.tokens),
                         });
                     }
                 }
+            }
+        }
+    }
+
+    // B* against data size across the targets that have one.
+    let mut data_laws = Vec::new();
+    for o in &optimizers {
+        for s in &scenarios {
+            let mut points: Vec<(usize, f64, f64, f64)> = cbs
+                .iter()
+                .filter(|g| &g.optimizer == o && &g.scenario == s)
+                .filter_map(|g| {
+                    let d = targets[g.target].tokens.get(s)?;
+                    Some((g.target, *d, g.b_star, g.b_star_asymptotic))
+                })
+                .collect();
+            points.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            let mut ds: Vec<f64> = points.iter().map(|p| p.1).collect();
+            ds.dedup();
+            if ds.len() < 2 {
+                continue;
+            }
+            let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.2)).collect();
+            let what = format!("B* vs tokens across targets, {}", group_name(o, s, true));
+            if let Ok(law) = analysis::fit_power_law(&what, &xy) {
+                let asym: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.3)).collect();
+                data_laws.push(DataLaw {
+                    optimizer: o.clone(),
+                    scenario: s.clone(),
+                    asymptotic: optional_law(&what, &asym),
+                    points,
+                    law,
+                });
             }
         }
     }
@@ -637,6 +750,7 @@ pub fn build(plan: &Plan) -> Result<SweepReport> {
         cbs,
         cbs_failures: failures,
         power_laws,
+        data_laws,
         run_results: runs,
         timing,
     })
@@ -711,8 +825,8 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
 
     // The CSVs `cbs fit` reads, one per target.
     let with_n = !plan.spec.models.is_empty();
-    let with_d = report.run_results.iter().any(|r| r.budget_tokens.is_some());
-    for (ti, _) in report.targets.iter().enumerate() {
+    for (ti, target) in report.targets.iter().enumerate() {
+        let with_d = !target.tokens.is_empty();
         let mut csv = String::from("group,batch_size,steps");
         if with_n {
             csv += ",n_params";
@@ -739,11 +853,44 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
                 let _ = write!(csv, ",{}", sample.n_params);
             }
             if with_d {
-                let _ = write!(csv, ",{}", opt_num(sample.budget_tokens));
+                let _ = write!(csv, ",{}", opt_num(target.tokens.get(&c.scenario).copied()));
             }
             csv += "\n";
         }
         put(&steps_csv_name(ti), csv, &mut written)?;
+    }
+    // The same across targets, one group per target with a data size: `cbs fit` on it gives
+    // the power laws against D of `data_laws`.
+    if !report.data_laws.is_empty() {
+        let many = report
+            .run_results
+            .iter()
+            .any(|r| r.coords.scenario() != report.run_results[0].coords.scenario());
+        let mut csv = String::from("group,batch_size,steps");
+        if with_n {
+            csv += ",n_params";
+        }
+        csv += ",tokens\n";
+        for law in &report.data_laws {
+            for &(ti, d, _, _) in &law.points {
+                let group = format!("{}/D={d}", group_name(&law.optimizer, &law.scenario, many));
+                for c in report.steps_to_target.iter().filter(|c| {
+                    c.target == ti && c.optimizer == law.optimizer && c.scenario == law.scenario
+                }) {
+                    let _ = write!(csv, "{},{},{}", csv_field(&group), c.batch_size, c.steps);
+                    if with_n {
+                        let n = report
+                            .run_results
+                            .iter()
+                            .find(|r| r.id == c.run)
+                            .map(|r| r.n_params);
+                        let _ = write!(csv, ",{}", opt_num(n));
+                    }
+                    let _ = writeln!(csv, ",{d}");
+                }
+            }
+        }
+        put(DATA_CSV, csv, &mut written)?;
     }
     let mut csv = String::from("target,scenario,optimizer,batch_size,steps,tokens,lr,run\n");
     for c in &report.steps_to_target {
@@ -849,6 +996,9 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
     written.extend(plot_paths);
     Ok(written)
 }
+
+/// The `cbs fit` CSV of the steps to target across the targets with a data size.
+pub const DATA_CSV: &str = "steps_to_target_by_data.csv";
 
 /// The name of the `cbs fit` CSV of target `ti`.
 pub fn steps_csv_name(ti: usize) -> String {
@@ -1050,32 +1200,29 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
 
     // B* against model and data size.
     for law in &report.power_laws {
-        type Pick = fn(&RunResult) -> Option<f64>;
-        let axes: [(&str, &str, Option<PowerLaw>, Pick); 2] = [
-            (
-                "n_params",
-                "non-embedding parameters N",
-                law.n_params,
-                |r| Some(r.n_params),
-            ),
-            ("tokens", "training tokens D", law.tokens, |r| {
-                r.budget_tokens
-            }),
-        ];
-        for (key, label, fit, pick) in axes {
+        let tokens = &report.targets[law.target].tokens;
+        for (key, label, fit) in [
+            ("n_params", "non-embedding parameters N", law.n_params),
+            ("tokens", "training tokens D", law.tokens),
+        ] {
             let Some(fit) = fit else { continue };
             let points: Vec<ScalingPoint> = report
                 .cbs
                 .iter()
                 .filter(|g| g.target == law.target && g.optimizer == law.optimizer)
                 .filter_map(|g| {
-                    let r = report
-                        .run_results
-                        .iter()
-                        .find(|r| r.coords.scenario() == g.scenario)?;
+                    let x = if key == "tokens" {
+                        *tokens.get(&g.scenario)?
+                    } else {
+                        report
+                            .run_results
+                            .iter()
+                            .find(|r| r.coords.scenario() == g.scenario)?
+                            .n_params
+                    };
                     Some(ScalingPoint {
                         label: g.scenario.clone(),
-                        x: pick(r)?,
+                        x,
                         b_star: g.b_star,
                     })
                 })
@@ -1097,6 +1244,36 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                 &|p| plots::plot_b_star_scaling(&data, p),
             )?;
         }
+    }
+    // B* against data size across targets, per scenario.
+    for law in &report.data_laws {
+        let data = BStarScalingPlot {
+            title: format!(
+                "{}: B* vs data size (targets after D tokens)",
+                titled(&law.optimizer, &law.scenario)
+            ),
+            x_label: "training tokens D".into(),
+            points: law
+                .points
+                .iter()
+                .map(|&(ti, d, b_star, _)| ScalingPoint {
+                    label: format!("target {ti}, D = {d}"),
+                    x: d,
+                    b_star,
+                })
+                .collect(),
+            fit: Some(law.law),
+        };
+        let sc = if many {
+            format!("_{}", slug(&law.scenario))
+        } else {
+            String::new()
+        };
+        both(
+            format!("bstar_{}_data{sc}", slug(&law.optimizer)),
+            &mut out,
+            &|p| plots::plot_b_star_scaling(&data, p),
+        )?;
     }
     Ok(out)
 }
@@ -1212,16 +1389,80 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
             f.target, f.group, f.reason
         );
     }
+    let sized: Vec<&GroupCbs> = report
+        .cbs
+        .iter()
+        .filter(|g| {
+            !spec.models.is_empty() || report.targets[g.target].tokens.contains_key(&g.scenario)
+        })
+        .collect();
+    if !sized.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## B* against model and data size\n\nN: non-embedding parameters; D: the \
+             target's data size in training tokens.\n\n\
+             | target | group | N | D | B* | b/(5a) |\n|---|---|---|---|---|---|"
+        );
+        for g in sized {
+            let n = (!spec.models.is_empty())
+                .then(|| {
+                    report
+                        .run_results
+                        .iter()
+                        .find(|r| r.coords.scenario() == g.scenario)
+                        .map(|r| format!("{}", r.n_params))
+                })
+                .flatten()
+                .unwrap_or_default();
+            let d = report.targets[g.target]
+                .tokens
+                .get(&g.scenario)
+                .map(|d| format!("{d}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {n} | {d} | {:.2} | {:.2} |",
+                g.target, g.group, g.b_star, g.b_star_asymptotic
+            );
+        }
+    }
+    let also = |law: Option<PowerLaw>, key: &str| {
+        law.map_or(String::new(), |p| {
+            format!("; b/(5a) = {:.4}·{key}^{:.4}", p.coef, p.exponent)
+        })
+    };
     for l in &report.power_laws {
-        for (key, law) in [("N", l.n_params), ("D", l.tokens)] {
+        for (key, law, asym) in [
+            ("N", l.n_params, l.n_params_asymptotic),
+            ("D", l.tokens, l.tokens_asymptotic),
+        ] {
             if let Some(p) = law {
                 let _ = writeln!(
                     md,
-                    "\nTarget {} {}: B* = {:.4}·{key}^{:.4}",
-                    l.target, l.optimizer, p.coef, p.exponent
+                    "\nTarget {} {}: B* = {:.4}·{key}^{:.4}{} (across scenarios)",
+                    l.target,
+                    l.optimizer,
+                    p.coef,
+                    p.exponent,
+                    also(asym, key)
                 );
             }
         }
+    }
+    for l in &report.data_laws {
+        let _ = writeln!(
+            md,
+            "\n{}: B* = {:.4}·D^{:.4}{} (across targets {})",
+            titled(&l.optimizer, &l.scenario),
+            l.law.coef,
+            l.law.exponent,
+            also(l.asymptotic, "D"),
+            l.points
+                .iter()
+                .map(|p| p.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let _ = writeln!(
         md,
@@ -1410,5 +1651,195 @@ pub fn console_table(report: &SweepReport, plan: &Plan) -> String {
     for f in report.cbs_failures.iter().filter(|f| f.target == 0) {
         let _ = writeln!(out, "  {:<16} no fit: {}", f.group, f.reason);
     }
+    for l in report.power_laws.iter().filter(|l| l.target == 0) {
+        for (key, law) in [("N", l.n_params), ("D", l.tokens)] {
+            if let Some(p) = law {
+                let _ = writeln!(
+                    out,
+                    "  {}: B* = {:.4}·{key}^{:.4}",
+                    l.optimizer, p.coef, p.exponent
+                );
+            }
+        }
+    }
+    for l in &report.data_laws {
+        let _ = writeln!(
+            out,
+            "  {}: B* = {:.4}·D^{:.4} across targets",
+            titled(&l.optimizer, &l.scenario),
+            l.law.coef,
+            l.law.exponent
+        );
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::SweepSpec;
+
+    /// Two models, five batch sizes, three targets after 40, 80 and 160 steps of the reference
+    /// batch B = 2 (context 32: 2560, 5120 and 10240 tokens).
+    const SPEC: &str = r#"
+name = "t"
+[base.model]
+preset = "test"
+[base.train]
+steps = 200
+[base.eval]
+tokens = 256
+[[optimizers]]
+lr = [1e-3]
+config = { name = "adamw" }
+[axes]
+batch_size = [2, 4, 8, 16, 32]
+models = [{ label = "small", d_model = 16 }, { label = "wide", d_model = 32 }]
+[targets]
+reference = [
+    { optimizer = "adamw", batch_size = 2, tokens = 2560 },
+    { optimizer = "adamw", batch_size = 2, tokens = 5120 },
+    { optimizer = "adamw", batch_size = 2, tokens = 10240 },
+]
+[report]
+b0 = 2
+"#;
+
+    /// Progress after `s` steps at batch `b` when reaching progress `p` takes `p + c·p²/b` steps:
+    /// the larger the target (the data size), the larger the critical batch size.
+    fn progress(s: f64, b: f64, c: f64) -> f64 {
+        let k = c / b;
+        ((1.0 + 4.0 * k * s).sqrt() - 1.0) / (2.0 * k)
+    }
+
+    /// Finished runs with an evaluation every step, the wide model's `c` twice the small one's.
+    fn synthetic(plan: &Plan) -> Vec<RunResult> {
+        plan.runs
+            .iter()
+            .map(|r| {
+                let b = r.coords.batch_size as f64;
+                let c = if r.coords.model == "wide" { 0.2 } else { 0.1 };
+                let tokens_per_step = r.coords.batch_size * r.config.model.context();
+                let evals: Vec<EvalPoint> = (0..=200u64)
+                    .map(|s| EvalPoint {
+                        step: s,
+                        tokens: s * tokens_per_step as u64,
+                        loss: 5.0 / (1.0 + progress(s as f64, b, c)),
+                    })
+                    .collect();
+                RunResult {
+                    id: r.id.clone(),
+                    coords: r.coords.clone(),
+                    state: "finished".into(),
+                    steps: 200,
+                    final_loss: evals.last().map(|e| e.loss),
+                    steps_to_target: Vec::new(),
+                    evals,
+                    seconds_per_step: None,
+                    n_params: r.config.model.non_embedding_params() as f64,
+                    budget_tokens: None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn b_star_is_fitted_against_data_size_across_targets_and_model_size_per_target() {
+        let plan = SweepSpec::parse(SPEC).unwrap().plan().unwrap();
+        let report = build_from(&plan, synthetic(&plan)).unwrap();
+        assert!(report.cbs_failures.is_empty(), "{:?}", report.cbs_failures);
+        assert_eq!(report.cbs.len(), 2 * 3);
+        // Each target's data size is its reference's token count, in every scenario.
+        for (t, d) in report.targets.iter().zip([2560.0, 5120.0, 10240.0]) {
+            assert_eq!(t.tokens.values().copied().collect::<Vec<_>>(), [d, d]);
+        }
+        // B* against D: one law per model over the three targets, growing with D.
+        assert_eq!(report.data_laws.len(), 2);
+        for law in &report.data_laws {
+            let ds: Vec<f64> = law.points.iter().map(|p| p.1).collect();
+            assert_eq!(ds, [2560.0, 5120.0, 10240.0]);
+            let xy: Vec<(f64, f64)> = law.points.iter().map(|p| (p.1, p.2)).collect();
+            let direct = analysis::fit_power_law("check", &xy).unwrap();
+            assert_eq!(direct.exponent, law.law.exponent);
+            // B* = 1.2·B0 + b/(5a) grows more slowly than its b/(5a) part (≈ c·p/5 here).
+            let asym = law.asymptotic.unwrap();
+            assert!(law.law.exponent > 0.05, "{law:?}");
+            assert!(
+                asym.exponent > law.law.exponent && asym.exponent < 1.0,
+                "{law:?}"
+            );
+            for &(ti, _, b_star, b_asym) in &law.points {
+                let g = report
+                    .cbs
+                    .iter()
+                    .find(|g| g.target == ti && g.scenario == law.scenario)
+                    .unwrap();
+                assert_eq!((g.b_star, g.b_star_asymptotic), (b_star, b_asym));
+            }
+        }
+        // B* against N per target (a larger c, a larger B*); D is the same in both scenarios,
+        // so there is no law against D across them.
+        assert_eq!(report.power_laws.len(), 3);
+        for l in &report.power_laws {
+            assert!(l.n_params.unwrap().exponent > 0.0, "{l:?}");
+            assert!(l.n_params_asymptotic.unwrap().exponent > 0.0, "{l:?}");
+            assert!(l.tokens.is_none() && l.tokens_asymptotic.is_none());
+        }
+
+        // The files: the per-target CSVs carry N and D, the across-target CSV reproduces the
+        // data laws through `cbs fit`'s analysis, the plots and the markdown show them.
+        let dir = tempfile::tempdir().unwrap();
+        write(&report, &plan, dir.path()).unwrap();
+        let rows =
+            crate::analysis::csv::read_cbs_csv(&dir.path().join("steps_to_target_1.csv")).unwrap();
+        assert!(rows
+            .iter()
+            .all(|r| r.tokens == Some(5120.0) && r.n_params.is_some()));
+        let rows = crate::analysis::csv::read_cbs_csv(&dir.path().join(DATA_CSV)).unwrap();
+        let small: Vec<CbsRow> = rows
+            .into_iter()
+            .filter(|r| r.group.starts_with("adamw/small/"))
+            .collect();
+        assert_eq!(small.len(), 15);
+        let refit = analysis::analyze(&small, report.b0).unwrap();
+        let law = report
+            .data_laws
+            .iter()
+            .find(|l| l.scenario == "small")
+            .unwrap();
+        let e = refit.power_laws.tokens.unwrap().exponent;
+        assert!((e - law.law.exponent).abs() < 1e-12, "{e} vs {law:?}");
+        for f in [
+            "bstar_adamw_data_small.png",
+            "bstar_adamw_data_wide.svg",
+            "bstar_adamw_n_params.png",
+            "bstar_adamw_n_params_2.svg",
+        ] {
+            assert!(dir.path().join("plots").join(f).is_file(), "{f}");
+        }
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## B* against model and data size"), "{md}");
+        assert!(md.contains("adamw [wide]: B* = "), "{md}");
+        assert!(md.contains("·D^"), "{md}");
+        let console = console_table(&report, &plan);
+        assert!(console.contains("across targets"), "{console}");
+    }
+
+    #[test]
+    fn targets_at_a_step_have_no_data_size() {
+        let spec = SPEC
+            .replace("tokens = 2560", "step = 40")
+            .replace("tokens = 5120", "step = 80")
+            .replace("tokens = 10240", "step = 160");
+        let plan = SweepSpec::parse(&spec).unwrap().plan().unwrap();
+        let report = build_from(&plan, synthetic(&plan)).unwrap();
+        assert!(report.targets.iter().all(|t| t.tokens.is_empty()));
+        assert!(report.data_laws.is_empty());
+        // The targets themselves are the same losses as after the matching token counts.
+        let by_tokens = SweepSpec::parse(SPEC).unwrap().plan().unwrap();
+        let other = build_from(&by_tokens, synthetic(&by_tokens)).unwrap();
+        for (a, b) in report.targets.iter().zip(&other.targets) {
+            assert_eq!(a.values, b.values);
+        }
+    }
 }

@@ -48,6 +48,8 @@
 //! [targets]
 //! loss = [2.2]                         # fixed target losses
 //! reference = [{ optimizer = "adamw", batch_size = 4 }]  # the loss a reference run reached
+//! # … after D tokens: the target of data size D (runs must be long enough to cross it)
+//! # reference = [{ optimizer = "adamw", batch_size = 4, tokens = 65_536 }]
 //!
 //! [report]
 //! metric = "ewa"                       # raw | ewa | best: which evaluation loss counts
@@ -82,7 +84,17 @@
 //! warm-up, a fraction of the Chinchilla step count at that batch size. `precondition_frequency`
 //! sets `round(reference_frequency × reference_batch / B)` (at least 1), as the SOAP paper's
 //! batch-size experiment does. A rule applies to every optimizer that has its field, or to
-//! those listed in `optimizers = [labels]`. A field set by an axis cannot also be set by a rule.
+//! those listed in `optimizers = [labels]`. A field set by an axis cannot also be set by a rule;
+//! in particular a budget axis sets the run length, so no rule may set `train.steps` or
+//! `train.tokens` next to it.
+//!
+//! **Model and data size.** The CBS paper's targets are the loss a reference batch size reaches
+//! after `D` tokens, with every run long enough to cross them. A budget axis makes `D` the run
+//! length itself, which suits fixed-loss targets; for the paper's protocol, give the run lengths
+//! per batch size by a `train.steps` rule and one reference target per data size
+//! (`tokens = D`): with a constant learning rate one set of runs serves every `D` up to its
+//! length, and the report fits `B*` against `D` across those targets. A model axis with such a
+//! target gives `B*` against model size at fixed data, each model with its own target.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -254,7 +266,8 @@ pub struct ReferenceTarget {
     /// Take the loss reached by this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
-    /// Take the loss reached by this many training tokens.
+    /// Take the loss reached by this many training tokens: the target's data size `D` (the
+    /// report fits `B*` against it across targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
 }
@@ -713,6 +726,17 @@ impl SweepSpec {
             None => Vec::new(),
         };
         for r in &rules {
+            if !budgets.is_empty() && (r.field() == "train.steps" || r.field() == "train.tokens") {
+                return Err(Error::config(
+                    &r.name,
+                    format!(
+                        "sets `{}`, but the budget axis (axes.budgets) sets the run length; for \
+                         targets after D tokens in runs longer than D, drop the budget axis and \
+                         give targets.reference entries with `tokens = D`",
+                        r.field()
+                    ),
+                ));
+            }
             let axis_paths = set
                 .iter()
                 .chain(optimizers.iter().flat_map(|o| o.set.iter()))
@@ -1749,6 +1773,30 @@ config = { name = "soap" }
             .any(|r| betas(&r.config).0 == 0.8 && r.coords.set["optimizer.betas.0"] == "0.8"));
         assert_eq!(p.runs.iter().filter(|r| r.coords.seed == 1).count(), 16);
         assert_eq!(wide.coords.scenario(), "wide/0.01x");
+    }
+
+    #[test]
+    fn a_budget_axis_and_a_run_length_rule_clash() {
+        let text = format!(
+            "{BASE}[[optimizers]]\nlr = [1e-3]\nconfig = {{ name = \"adamw\" }}\n[axes]\n\
+             batch_size = [2, 4]\nbudgets = [{{ tokens = 1000 }}, {{ tokens = 2000 }}]\n\
+             [[rules]]\nkind = \"table\"\nfield = \"train.steps\"\npoints = [[2, 30], [4, 20]]\n"
+        );
+        let err = SweepSpec::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("rules[0]") && err.contains("budget") && err.contains("tokens = D"),
+            "{err}"
+        );
+        // Without the budget axis the rule sets the run lengths.
+        let p = plan(
+            "[[optimizers]]\nlr = [1e-3]\nconfig = { name = \"adamw\" }\n[axes]\n\
+             batch_size = [2, 4]\n[[rules]]\nkind = \"table\"\nfield = \"train.steps\"\n\
+             points = [[2, 30], [4, 20]]\n[targets]\nreference = [\n\
+             { optimizer = \"adamw\", batch_size = 2, tokens = 640 },\n\
+             { optimizer = \"adamw\", batch_size = 2, tokens = 1280 }]\n",
+        );
+        assert_eq!(run(&p, "adamw", 2).total_steps(), 30);
+        assert_eq!(p.spec.targets.reference[1].tokens, Some(1280));
     }
 
     #[test]
