@@ -77,7 +77,7 @@ echo "## Kernels against their CPU twins" >>"$log"
 echo '```' >>"$log"
 # RUST_BACKTRACE is off so a failure prints its message, not pages of frames.
 # --nocapture so that a skipped test's "SKIP: no CUDA device" line reaches the log.
-RUST_BACKTRACE=0 timeout 300 "$bin" --test-threads=1 --nocapture 2>&1 | tee -a "$log" || status=1
+RUST_BACKTRACE=0 timeout 240 "$bin" --test-threads=1 --nocapture 2>&1 | tee -a "$log" || status=1
 echo '```' >>"$log"
 if grep -q "SKIP: no CUDA device" "$log"; then
   echo "gpu-check: the tests skipped: no CUDA device was usable" | tee -a "$log" >&2
@@ -85,7 +85,7 @@ if grep -q "SKIP: no CUDA device" "$log"; then
 fi
 
 echo "## Timings" >>"$log"
-RUST_BACKTRACE=0 timeout 240 "$bin" --ignored gpu_timing --nocapture --test-threads=1 2>&1 |
+RUST_BACKTRACE=0 timeout 200 "$bin" --ignored gpu_timing --nocapture --test-threads=1 2>&1 |
   tee -a "$log" || status=1
 
 if [ -n "${OUT:-}" ]; then
