@@ -42,7 +42,7 @@ use crate::optim::fused::{zip_mut, Float};
 /// columns, so every pivot (a squared column norm after removing the earlier columns) is close
 /// to 1. Outside `[1/4, 4]` the earlier passes lost orthogonality and the result would not be
 /// orthonormal to working precision.
-pub const SECOND_PASS_PIVOTS: (f64, f64) = (0.25, 4.0);
+pub const LAST_PASS_PIVOTS: (f64, f64) = (0.25, 4.0);
 
 /// Whether `t`'s kernels run on the device (or in host emulation) rather than as twins.
 fn kernels_for(t: &Tensor) -> bool {
@@ -256,7 +256,7 @@ pub fn cholesky_qr3(a: &Tensor) -> Result<Option<Tensor>> {
     let Some(q2) = cholesky_qr_pass(&q1, 0.0, (0.0, f64::INFINITY))? else {
         return Ok(None);
     };
-    cholesky_qr_pass(&q2, 0.0, SECOND_PASS_PIVOTS)
+    cholesky_qr_pass(&q2, 0.0, LAST_PASS_PIVOTS)
 }
 
 /// The orthonormal factor by Householder QR where `a` lives: cuSOLVER on a GPU, faer on the
