@@ -660,6 +660,94 @@ __device__ void add_scaled(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// MARS (src/optim/mars.rs, Mars::mars_typed pass 2 and 3). The corrected gradient
+// c = (g − last)·coef + g, divided by its norm when clipping. last ← g afterwards when
+// approximate.
+template <typename T>
+__device__ __forceinline__ T mars_corrected(T g, T l, T coef, bool clip, T norm) {
+    const T c = (g - l) * coef + g;
+    return clip ? c / norm : c;
+}
+
+// AdamW form. out: last, m, p, v; in: g. (AMSGrad needs a fifth output and keeps the CPU pass.)
+// s: coef, clip (≠ 0), norm, b1, c1, b2, c2, neg_lr, wd, eps, inv_sqrt_bc2, bc1, approx (≠ 0)
+template <typename T>
+__device__ void mars_adam(const Args<T>& a) {
+    T* last = a.out[0];
+    T* m = a.out[1];
+    T* p = a.out[2];
+    T* v = a.out[3];
+    const T* g = a.in[0];
+    const T coef = a.s[0], norm = a.s[2], b1 = a.s[3], c1 = a.s[4], b2 = a.s[5], c2 = a.s[6];
+    const T neg_lr = a.s[7], wd = a.s[8], eps = a.s[9], inv_sqrt_bc2 = a.s[10], bc1 = a.s[11];
+    const bool clip = a.s[1] != T(0), approx = a.s[12] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T c = mars_corrected(gk, last[k], coef, clip, norm);
+        const T mk = m[k] * b1 + c1 * c;
+        m[k] = mk;
+        const T vk = v[k] * b2 + c2 * c * c;
+        v[k] = vk;
+        const T denom = (root(vk) * inv_sqrt_bc2 + eps) * bc1;
+        const T pk = p[k];
+        p[k] = pk + neg_lr * (pk * wd + mk / denom);
+        if (approx) last[k] = gk;
+    }
+}
+
+// Lion form. out: last, m, p; in: g. s: as mars_adam (b2, c2, eps, inv_sqrt_bc2, bc1 unused)
+template <typename T>
+__device__ void mars_lion(const Args<T>& a) {
+    T* last = a.out[0];
+    T* m = a.out[1];
+    T* p = a.out[2];
+    const T* g = a.in[0];
+    const T coef = a.s[0], norm = a.s[2], b1 = a.s[3], c1 = a.s[4], neg_lr = a.s[7];
+    const T wd = a.s[8];
+    const bool clip = a.s[1] != T(0), approx = a.s[12] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T c = mars_corrected(gk, last[k], coef, clip, norm);
+        const T mk = m[k] * b1 + c1 * c;
+        m[k] = mk;
+        // 0 for ±0 and NaN, as the CPU twin's comparisons.
+        const T sign = mk > T(0) ? T(1) : (mk < T(0) ? T(-1) : T(0));
+        const T pk = p[k];
+        p[k] = pk + neg_lr * (pk * wd + sign);
+        if (approx) last[k] = gk;
+    }
+}
+
+// Shampoo form, before Newton–Schulz. out: last, m; in: g. s: as mars_adam
+template <typename T>
+__device__ void mars_momentum(const Args<T>& a) {
+    T* last = a.out[0];
+    T* m = a.out[1];
+    const T* g = a.in[0];
+    const T coef = a.s[0], norm = a.s[2], b1 = a.s[3], c1 = a.s[4];
+    const bool clip = a.s[1] != T(0), approx = a.s[12] != T(0);
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T c = mars_corrected(gk, last[k], coef, clip, norm);
+        m[k] = m[k] * b1 + c1 * c;
+        if (approx) last[k] = gk;
+    }
+}
+
+// Shampoo form, after Newton–Schulz: p ← p + (o·factor + wd·p)·(−lr). out: p; in: o.
+// s: factor, wd, neg_lr
+template <typename T>
+__device__ void mars_apply(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* o = a.in[0];
+    const T factor = a.s[0], wd = a.s[1], neg_lr = a.s[2];
+    GRID_STRIDE(k, a.n) {
+        const T pk = p[k];
+        p[k] = pk + (o[k] * factor + wd * pk) * neg_lr;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
 template <typename T>
@@ -712,6 +800,10 @@ ENTRY(shampoo_update, shampoo_update)
 ENTRY(shampoo_update_momentum, shampoo_update_momentum)
 ENTRY(divide_by, divide_by)
 ENTRY(add_scaled, add_scaled)
+ENTRY(mars_adam, mars_adam)
+ENTRY(mars_lion, mars_lion)
+ENTRY(mars_momentum, mars_momentum)
+ENTRY(mars_apply, mars_apply)
 ENTRY(column_dots, column_dots)
 ENTRY_SYNC(cholesky_upper, cholesky_upper)
 ENTRY(solve_upper_right_t, solve_upper_right_t)

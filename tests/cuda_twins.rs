@@ -45,7 +45,7 @@ fn tolerance(dtype: DType) -> f64 {
 /// and Shampoo's roots come from cuSOLVER and Cholesky-QR on the GPU, faer on the CPU: the
 /// refresh bound.
 fn tolerance_of(toml: &str, dtype: DType) -> f64 {
-    let matrix_heavy = ["muon", "soap", "shampoo"]
+    let matrix_heavy = ["muon", "soap", "shampoo", "mars"]
         .iter()
         .any(|n| toml.starts_with(&format!("name = \"{n}\"")));
     match (matrix_heavy, dtype) {
@@ -257,6 +257,14 @@ fn sgd_and_sophia_match_cpu() {
     let Some(dev) = cuda() else { return };
     twins_of(&dev, "sgd");
     twins_of(&dev, "sophia");
+}
+
+/// MARS: its clipping norm is a device reduction (another summation order) and its Shampoo
+/// form runs Newton–Schulz on cuBLAS, hence the matrix bound.
+#[test]
+fn mars_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "mars");
 }
 
 #[test]

@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{sum_sq, zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -240,13 +240,20 @@ impl Mars {
 
         // Pass 1: the norm of the corrected gradient, to decide on clipping.
         let mut norm_sq = 0.0f64;
-        zip_mut::<T>(&[], &[grad, last], |_, i| {
-            for (&g, &l) in i[0].iter().zip(i[1]) {
-                let c = ((g - l) * coef + g).f64();
-                norm_sq += c * c;
-            }
-            Ok(())
-        })?;
+        if grad.device().is_cpu() {
+            zip_mut::<T>(&[], &[grad, last], |_, i| {
+                for (&g, &l) in i[0].iter().zip(i[1]) {
+                    let c = ((g - l) * coef + g).f64();
+                    norm_sq += c * c;
+                }
+                Ok(())
+            })?;
+        } else {
+            // On the device: the same corrected gradient from tensor ops, its sum of squares in
+            // f64 (another summation order).
+            let c = ((grad - last)?.affine(coef.f64(), 0.0)? + grad)?;
+            norm_sq = sum_sq(&c)?;
+        }
         let norm = norm_sq.sqrt();
         let clip = norm > 1.0;
         let norm = T::of(norm);
@@ -278,7 +285,36 @@ impl Mars {
                 outs.push(st.tensor("max_exp_avg_sq")?);
             }
         }
-        zip_mut::<T>(&outs, &[grad], |o, i| {
+        let flag = |b: bool| if b { T::one() } else { T::zero() };
+        let scalars = [
+            coef,
+            flag(clip),
+            norm,
+            b1,
+            c1,
+            b2,
+            c2,
+            neg_lr,
+            wd,
+            eps,
+            inv_sqrt_bc2,
+            bc1,
+            flag(approx),
+        ];
+        // AMSGrad's fifth operand exceeds the kernels' four outputs: it keeps the CPU pass.
+        let kernel_name = match form {
+            Form::Shampoo => "mars_momentum",
+            Form::Lion => "mars_lion",
+            Form::Adam => "mars_adam",
+        };
+        let run = |body| -> Result<()> {
+            if outs.len() <= 4 {
+                zip_mut_or_kernel::<T>(Kernel::new(kernel_name, &scalars), &outs, &[grad], body)
+            } else {
+                zip_mut::<T>(&outs, &[grad], body)
+            }
+        };
+        run(|o: &mut [&mut [T]], i: &[&[T]]| {
             let g = i[0];
             let (last, rest) = o.split_first_mut().expect("last_grad");
             let (m, rest) = rest.split_first_mut().expect("exp_avg");
@@ -339,7 +375,9 @@ impl Mars {
             let o = newton_schulz(&scaled, MARS_NS_STEPS, cfg.eps, NsForm::Mars)?;
             let (rows, cols) = (meta.shape[0] as f64, meta.shape[1] as f64);
             let factor = T::of((rows / cols).max(1.0).sqrt());
-            zip_mut::<T>(&[param.as_tensor()], &[&o], |out, i| {
+            let scalars = [factor, wd, neg_lr];
+            let kernel = Kernel::new("mars_apply", &scalars);
+            zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&o], |out, i| {
                 for (p, &o) in out[0].iter_mut().zip(i[0]) {
                     *p = *p + (o * factor + wd * *p) * neg_lr;
                 }

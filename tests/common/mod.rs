@@ -220,6 +220,15 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
             "lr = 0.01\nbetas = [0.6, 0.99]\nweight_decay = 0.05\nuse_bias_correction = false\nmax_preconditioner_dim = 128\nprecondition_frequency = 2\nstart_preconditioning_step = 3\ngrafting_config = { type = \"sgd\" }",
             4,
         ),
+        // MARS: the three forms (approximate: exact MARS needs observe), clipping on; the AdamW fallback for
+        // other tensors takes AdamW's kernel.
+        ("mars", "lr = 0.01\ngamma = 0.025\nweight_decay = 0.1\noptimize_1d = true", 3),
+        (
+            "mars",
+            "lr = 0.001\nmars_type = \"mars-lion\"\nweight_decay = 0.1",
+            3,
+        ),
+        ("mars", "lr = 0.01\nmars_type = \"mars-shampoo\"\nweight_decay = 0.1", 3),
         // SOAP: moments, Adam in the eigenbasis and the update around the rotations (matrix
         // products) and refreshes (every 2 steps here).
         (
