@@ -113,9 +113,9 @@ pub fn launch_raw<T: Float>(
 }
 
 /// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::optim::fused::zip_mut)
-/// body of Adafactor, MARS with AMSGrad or the runner's EWA) on host copies of CUDA operands, then writes
-/// the outputs back: every optimizer works on the GPU, the ones without kernels at the cost of
-/// two transfers per pass. The arithmetic is the CPU path's, so results equal the CPU's.
+/// body of Adafactor, MARS with AMSGrad or the runner's EWA) on host copies of CUDA operands,
+/// then writes the outputs back: every optimizer works on the GPU, the passes without kernels at
+/// the cost of two transfers each. The arithmetic is the CPU path's, so results equal the CPU's.
 pub fn on_host<T: Float>(
     outs: &[&Tensor],
     ins: &[&Tensor],
