@@ -362,10 +362,11 @@ __device__ void factor_ema(const Args<T>& a) {
 // ---------------------------------------------------------------------------------------------
 // SOAP (src/optim/soap.rs): the elementwise passes around the rotations, which are matrix
 // products.
-// Original-space moments m_j ← d_j·m_j + w_j·g (update_moments). out: m_0..m_{count−1};
-// in: g. s: count (≤ 4), d_0, w_0, d_1, w_1, ...
+// Several EMAs of one input, m_j ← d_j·m_j + w_j·g: SOAP's original-space moments
+// (update_moments) and the runner's weight averages (ewa::update_typed).
+// out: m_0..m_{count−1}; in: g. s: count (≤ 4), d_0, w_0, d_1, w_1, ...
 template <typename T>
-__device__ void soap_moments(const Args<T>& a) {
+__device__ void ema_many(const Args<T>& a) {
     const T* g = a.in[0];
     const int count = (int)a.s[0];
     GRID_STRIDE(k, a.n) {
@@ -747,6 +748,15 @@ __device__ void mars_apply(const Args<T>& a) {
     }
 }
 
+// out = x·s (ewa::scale_into: bias-corrected averages). out: o; in: x. s: s
+template <typename T>
+__device__ void scale_by(const Args<T>& a) {
+    T* o = a.out[0];
+    const T* x = a.in[0];
+    const T f = a.s[0];
+    GRID_STRIDE(k, a.n) { o[k] = x[k] * f; }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finiteness check (the driver's gradient check). in: x; scratch: one f64, set to 1 when some
 // element is ±inf or NaN (every writer stores the same value, so the race is benign).
@@ -788,7 +798,7 @@ ENTRY(nonfinite, nonfinite)
 ENTRY(muon_momentum, muon_momentum)
 ENTRY(muon_apply, muon_apply)
 ENTRY(factor_ema, factor_ema)
-ENTRY(soap_moments, soap_moments)
+ENTRY(ema_many, ema_many)
 ENTRY(soap_adam, soap_adam)
 ENTRY(soap_apply, soap_apply)
 ENTRY(sgd, sgd)
@@ -804,6 +814,7 @@ ENTRY(mars_adam, mars_adam)
 ENTRY(mars_lion, mars_lion)
 ENTRY(mars_momentum, mars_momentum)
 ENTRY(mars_apply, mars_apply)
+ENTRY(scale_by, scale_by)
 ENTRY(column_dots, column_dots)
 ENTRY_SYNC(cholesky_upper, cholesky_upper)
 ENTRY(solve_upper_right_t, solve_upper_right_t)

@@ -259,6 +259,51 @@ fn sgd_and_sophia_match_cpu() {
     twins_of(&dev, "sophia");
 }
 
+/// The runner's weight averages (`ema_many`, `scale_by`) on the GPU against the CPU.
+#[test]
+fn weight_averages_match_cpu() {
+    use optlab::optim::Ewa;
+    let Some(dev) = cuda() else { return };
+    let taus = [0.9, 0.95, 0.99, 0.995, 0.999];
+    for dtype in [DType::F32, DType::F64] {
+        let on = |d: &Device| -> Vec<(String, Var)> {
+            (0..3)
+                .map(|i| {
+                    let t = common::tensor(40 + i, &[257 + i as usize * 100], dtype)
+                        .to_device(d)
+                        .unwrap();
+                    (format!("w{i}"), Var::from_tensor(&t).unwrap())
+                })
+                .collect()
+        };
+        let (vc, vg) = (on(&Device::Cpu), on(&dev));
+        let mut cpu = Ewa::new(vc.clone(), &taus).unwrap();
+        let mut gpu = Ewa::new(vg.clone(), &taus).unwrap();
+        for step in 0..4u64 {
+            for (vars, d) in [(&vc, &Device::Cpu), (&vg, &dev)] {
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let n = v.elem_count();
+                    let t = common::tensor(100 * step + i as u64, &[n], dtype);
+                    v.set(&t.to_device(d).unwrap()).unwrap();
+                }
+            }
+            cpu.update().unwrap();
+            gpu.update().unwrap();
+        }
+        for tau in taus {
+            let (a, b) = (cpu.eval_params(tau).unwrap(), gpu.eval_params(tau).unwrap());
+            for ((name, x), (_, y)) in a.iter().zip(&b) {
+                assert_close(
+                    &format!("EWA τ = {tau} {name} {dtype:?}"),
+                    x,
+                    y,
+                    tolerance(dtype),
+                );
+            }
+        }
+    }
+}
+
 /// MARS: its clipping norm is a device reduction (another summation order) and its Shampoo
 /// form runs Newton–Schulz on cuBLAS, hence the matrix bound.
 #[test]

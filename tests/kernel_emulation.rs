@@ -271,3 +271,45 @@ fn factor_refresh_kernels_equal_their_twins() {
     }
     assert!(launch_count() > before, "the kernels did not run");
 }
+
+#[test]
+fn weight_averages_match_their_twins() {
+    use optlab::optim::Ewa;
+    // Five decays: two launches of the four-output kernel.
+    let taus = [0.9, 0.95, 0.99, 0.995, 0.999];
+    for dtype in [DType::F32, DType::F64] {
+        let mk = || -> Vec<(String, Var)> {
+            (0..3)
+                .map(|i| {
+                    let t = common::tensor(40 + i, &[257 + i as usize * 100], dtype);
+                    (format!("w{i}"), Var::from_tensor(&t).unwrap())
+                })
+                .collect()
+        };
+        let (vars_twin, vars_kernel) = (mk(), mk());
+        let mut twin = Ewa::new(vars_twin.clone(), &taus).unwrap();
+        let mut kernel = Ewa::new(vars_kernel.clone(), &taus).unwrap();
+        let before = launch_count();
+        for step in 0..4u64 {
+            for (vars, seed) in [(&vars_twin, step), (&vars_kernel, step)] {
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let n = v.elem_count();
+                    v.set(&common::tensor(100 * seed + i as u64, &[n], dtype))
+                        .unwrap();
+                }
+            }
+            twin.update().unwrap();
+            with_emulation(|| kernel.update()).unwrap();
+        }
+        let bits =
+            |t: &Tensor| -> Vec<u64> { common::values_of(t).iter().map(|x| x.to_bits()).collect() };
+        for tau in taus {
+            let a = twin.eval_params(tau).unwrap();
+            let b = with_emulation(|| kernel.eval_params(tau)).unwrap();
+            for ((name, x), (_, y)) in a.iter().zip(&b) {
+                assert_eq!(bits(x), bits(y), "EWA τ = {tau} {name} {dtype:?}");
+            }
+        }
+        assert!(launch_count() > before, "the kernels did not run");
+    }
+}

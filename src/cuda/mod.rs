@@ -113,7 +113,7 @@ pub fn launch_raw<T: Float>(
 }
 
 /// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::optim::fused::zip_mut)
-/// body of Adafactor, MARS with AMSGrad or the runner's EWA) on host copies of CUDA operands,
+/// body of Adafactor or MARS with AMSGrad) on host copies of CUDA operands,
 /// then writes the outputs back: every optimizer works on the GPU, the passes without kernels at
 /// the cost of two transfers each. The arithmetic is the CPU path's, so results equal the CPU's.
 pub fn on_host<T: Float>(

@@ -48,7 +48,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::NamedParams;
 use crate::optim::state::{State, StateDict};
 use crate::optim::Optimizer;
@@ -388,22 +388,30 @@ fn update_typed<T: Float>(taus: &[f64], var: &Var, avgs: &[Tensor]) -> Result<()
         .iter()
         .map(|&tau| (T::of(tau), T::of(1.0 - tau)))
         .collect();
-    let outs: Vec<&Tensor> = avgs.iter().collect();
-    zip_mut::<T>(&outs, &[var.as_tensor()], |w, i| {
-        let theta = i[0];
-        for (wk, &(tau, one_minus)) in w.iter_mut().zip(&coefs) {
-            for (a, &p) in wk.iter_mut().zip(theta) {
-                *a = *a * tau + one_minus * p;
+    // The kernel takes four averages at a time: (count, τ₀, 1−τ₀, τ₁, 1−τ₁, …).
+    for (avgs, coefs) in avgs.chunks(4).zip(coefs.chunks(4)) {
+        let outs: Vec<&Tensor> = avgs.iter().collect();
+        let mut scalars = vec![T::of(coefs.len() as f64)];
+        scalars.extend(coefs.iter().flat_map(|&(tau, one_minus)| [tau, one_minus]));
+        let kernel = Kernel::new("ema_many", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &outs, &[var.as_tensor()], |w, i| {
+            let theta = i[0];
+            for (wk, &(tau, one_minus)) in w.iter_mut().zip(coefs) {
+                for (a, &p) in wk.iter_mut().zip(theta) {
+                    *a = tau * *a + one_minus * p;
+                }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// `out ← avg · scale` (scale rounded once to the dtype).
 fn scale_into<T: Float>(out: &Tensor, avg: &Tensor, scale: f64) -> Result<()> {
     let s = T::of(scale);
-    zip_mut::<T>(&[out], &[avg], |o, i| {
+    let scalars = [s];
+    zip_mut_or_kernel::<T>(Kernel::new("scale_by", &scalars), &[out], &[avg], |o, i| {
         for (x, &a) in o[0].iter_mut().zip(i[0]) {
             *x = a * s;
         }

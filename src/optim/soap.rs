@@ -457,7 +457,7 @@ fn update_moments(moments: &[(Tensor, f64, f64)], grad: &Tensor) -> Result<()> {
         // The kernel takes up to four moments: (count, d₀, w₀, d₁, w₁, …).
         let mut scalars = vec![T::of(coef.len() as f64)];
         scalars.extend(coef.iter().flat_map(|&(d, w)| [d, w]));
-        let kernel = Kernel::new("soap_moments", &scalars);
+        let kernel = Kernel::new("ema_many", &scalars);
         zip_mut_or_kernel::<T>(kernel, &outs, &[grad], |o, i| {
             let g = i[0];
             for (m, &(d, w)) in o.iter_mut().zip(&coef) {
