@@ -228,6 +228,15 @@ impl<'a, T> Kernel<'a, T> {
     }
 }
 
+/// A boolean kernel argument: the kernels read a scalar `≠ 0` as true.
+pub fn flag<T: Float>(b: bool) -> T {
+    if b {
+        T::one()
+    } else {
+        T::zero()
+    }
+}
+
 /// [`zip_mut`] on the CPU; on a CUDA device (feature `cuda`) one launch of `kernel` over the
 /// same operands, which must then all have the same number of elements.
 pub fn zip_mut_or_kernel<T: Float>(

@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{sum_sq, zip_mut, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, sum_sq, zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -285,7 +285,6 @@ impl Mars {
                 outs.push(st.tensor("max_exp_avg_sq")?);
             }
         }
-        let flag = |b: bool| if b { T::one() } else { T::zero() };
         let scalars = [
             coef,
             flag(clip),

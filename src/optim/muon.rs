@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm, MUON_NS_EPS};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -152,7 +152,7 @@ impl Muon {
         let u = grad.zeros_like()?;
         let (w_in, w_out) = (T::of(1.0 - mu), T::of(mu));
         let nesterov = self.0.nesterov;
-        let scalars = [w_in, w_out, if nesterov { T::one() } else { T::zero() }];
+        let scalars = [w_in, w_out, flag(nesterov)];
         let kernel = Kernel::new("muon_momentum", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[m, &u], &[grad], |o, i| {
             let [m, u] = o else { unreachable!() };

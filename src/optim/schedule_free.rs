@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Mode, Rule, StepCtx};
 use crate::optim::state::State;
@@ -297,7 +297,7 @@ impl ScheduleFree {
         let y_lr = T::of(lr * (self.beta1 * (1.0 - c) - 1.0));
         let (lr, c, wd) = (T::of(lr), T::of(c), T::of(weight_decay));
         let decay = weight_decay != 0.0;
-        let decay_flag = if decay { T::one() } else { T::zero() };
+        let decay_flag = flag::<T>(decay);
         match self.base {
             Base::Adam { beta2, eps } => {
                 let v = state.tensor("exp_avg_sq")?;

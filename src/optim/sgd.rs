@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -146,7 +146,6 @@ impl Sgd {
                 let mu = T::of(c.momentum);
                 let keep = T::of(1.0 - c.dampening);
                 let nesterov = c.nesterov;
-                let flag = |b: bool| if b { T::one() } else { T::zero() };
                 let scalars = [decay, sign, l2, lr, mu, keep, flag(first), flag(nesterov)];
                 let kernel = Kernel::new("sgd_momentum", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), buf], &[grad], |o, i| {

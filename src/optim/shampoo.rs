@@ -69,7 +69,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::{check, Error, Result};
 use crate::linalg::{self, InverseRoot, LinalgError, Robust, RootMethod, Stability};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{all_finite, sum_sq, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{all_finite, flag, sum_sq, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::kron::{
     ema_update, mode_gram, mode_products, Blocks, FactorEma, KronLayout, Refresh,
 };
@@ -1189,7 +1189,7 @@ impl Shampoo {
         };
         let (alpha_t, neg_lr) = (T::of(alpha), T::of(-ctx.lr));
         let d = d.contiguous()?;
-        let has_decay = if alpha != 0.0 { T::one() } else { T::zero() };
+        let has_decay = flag::<T>(alpha != 0.0);
         match c.iterate_averaging_config {
             IterateAveraging::None => {
                 let scalars = [alpha_t, neg_lr, has_decay];
@@ -1213,7 +1213,7 @@ impl Shampoo {
             } => {
                 let buf = state.tensor_or_zeros("momentum_buffer", param)?.clone();
                 let (mu, keep) = (T::of(momentum), T::of(1.0 - dampening));
-                let nesterov = if use_nesterov { T::one() } else { T::zero() };
+                let nesterov = flag::<T>(use_nesterov);
                 let scalars = [alpha_t, neg_lr, has_decay, mu, keep, nesterov];
                 let kernel = Kernel::new("shampoo_update_momentum", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), &buf], &[&d], |o, i| {

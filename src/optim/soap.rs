@@ -71,7 +71,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::linalg::{Order, Robust};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{sum_sq, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, sum_sq, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::kron::{self, FactorEma, KronLayout, Refresh};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -476,7 +476,6 @@ fn apply_update(param: &Var, u: &Tensor, step: f64, norm: f64, decay: f64) -> Re
         let normalize = norm != 1.0;
         let has_decay = decay != 0.0;
         let (step, norm, decay) = (T::of(step), T::of(norm), T::of(decay));
-        let flag = |b: bool| if b { T::of(1.0) } else { T::of(0.0) };
         let scalars = [step, norm, decay, flag(normalize), flag(has_decay)];
         let kernel = Kernel::new("soap_apply", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[u], |o, i| {

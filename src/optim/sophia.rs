@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::lion::sign;
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -151,7 +151,7 @@ impl Sophia {
 
     fn fold_hessian<T: Float>(&self, h: &Tensor, value: &Tensor, square: bool) -> Result<()> {
         let (b2, c2) = (T::of(self.0.betas.1), T::of(1.0 - self.0.betas.1));
-        let scalars = [b2, c2, if square { T::one() } else { T::zero() }];
+        let scalars = [b2, c2, flag(square)];
         let kernel = Kernel::new("sophia_hessian", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[h], &[value], |o, i| {
             let (h, e) = (&mut *o[0], i[0]);
