@@ -33,6 +33,16 @@ fn main() {
         .filter(char::is_ascii_digit)
         .collect();
     let arch = format!("-arch=compute_{}", if cap.is_empty() { "80" } else { &cap });
+    // The toolkit release, for the run's env.json (`DeviceInfo::cuda_toolkit`).
+    if let Ok(out) = Command::new(&nvcc).arg("--version").output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(release) = text
+            .split([',', '\n'])
+            .find_map(|part| part.trim().strip_prefix("release "))
+        {
+            println!("cargo:rustc-env=OPTLAB_NVCC_RELEASE={}", release.trim());
+        }
+    }
 
     let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
         .expect("kernels/ folder")

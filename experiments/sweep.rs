@@ -4,6 +4,10 @@
 //! - `sweep run CONFIG [--shard i/n] [--jobs N] [--report]`: runs the shard's unfinished runs
 //!   (resuming interrupted ones; finished ones are never rerun; a lock per run keeps workers
 //!   apart), `--jobs N` as N local worker processes, `--report` then writes the report;
+//!   `--devices 0,1 [--per-device K]` trains on those GPUs, K runs at a time on each (one
+//!   worker process per slot, all taking runs from the same list under the run locks);
+//!   `--devices visible` uses the GPUs of `CUDA_VISIBLE_DEVICES`; `--device SPEC` runs one
+//!   worker on that device;
 //! - `sweep slurm CONFIG [--tasks N] [--partition P] [--time T] …`: writes an sbatch job-array
 //!   script whose tasks run `sweep run CONFIG --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`;
 //! - `sweep report CONFIG`: steps and tokens to target, optimal learning rates, loss vs lr and
@@ -64,6 +68,17 @@ enum Command {
         /// Run as N local worker processes (shards 0/N .. N-1/N).
         #[arg(long, value_name = "N", default_value_t = 1)]
         jobs: usize,
+        /// Train on these GPUs: CUDA ordinals (`0,1`) or `visible` (those of
+        /// CUDA_VISIBLE_DEVICES, as Slurm grants them). Needs the `cuda` feature.
+        #[arg(long, value_name = "LIST", conflicts_with_all = ["jobs", "device"])]
+        devices: Option<String>,
+        /// Runs at a time on each GPU of --devices (small runs share a GPU well).
+        #[arg(long, value_name = "K", default_value_t = 1, requires = "devices")]
+        per_device: usize,
+        /// Train this worker's runs on this device (`cpu`, `cuda`, `cuda:N`) whatever their
+        /// config says.
+        #[arg(long, value_name = "SPEC")]
+        device: Option<String>,
         /// Write the report afterwards.
         #[arg(long)]
         report: bool,
@@ -233,75 +248,124 @@ fn state_name(s: &exec::RunState) -> &'static str {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_cmd(
-    common: &Common,
-    shard: Option<&str>,
+/// What `sweep run` was asked to do.
+struct RunRequest<'a> {
+    common: &'a Common,
+    shard: Option<&'a str>,
     jobs: usize,
+    devices: Option<&'a str>,
+    per_device: usize,
+    device: Option<&'a str>,
     with_report: bool,
-    report_dir: Option<&Path>,
+    report_dir: Option<&'a Path>,
     retry_failed: bool,
     stale_after: u64,
     quiet: bool,
-) -> Result<bool> {
-    let plan = load(common)?;
-    let start = Instant::now();
-    let mut ok = true;
-    if jobs == 0 {
+}
+
+/// One local worker process: `sweep run` with these extra arguments.
+fn spawn_worker(req: &RunRequest, extra: &[String]) -> Result<std::process::Child> {
+    let exe = std::env::current_exe().map_err(|e| Error::Msg(e.to_string()))?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("run")
+        .arg(&req.common.config)
+        .args(extra)
+        .arg("--stale-after")
+        .arg(req.stale_after.to_string());
+    if let Some(r) = &req.common.runs {
+        cmd.arg("--runs").arg(r);
+    }
+    if req.retry_failed {
+        cmd.arg("--retry-failed");
+    }
+    if req.quiet {
+        cmd.arg("--quiet");
+    }
+    cmd.spawn().map_err(|e| Error::file(&exe, e))
+}
+
+/// The worker processes of `--jobs N` (one static shard each) or of `--devices` (one per GPU
+/// slot, all on the same shard: the run locks hand each run to one of them, so a GPU that
+/// finishes early takes the next run). `None` when this process is the only worker.
+fn worker_args(req: &RunRequest) -> Result<Option<Vec<Vec<String>>>> {
+    if req.jobs == 0 {
         return Err(Error::config("--jobs", "must be >= 1"));
     }
-    if jobs > 1 {
-        if shard.is_some() {
-            return Err(Error::config(
-                "--jobs",
-                "cannot be combined with --shard (each job is a shard)",
-            ));
+    if let Some(list) = req.devices {
+        if req.per_device == 0 {
+            return Err(Error::config("--per-device", "must be >= 1"));
         }
-        let exe = std::env::current_exe().map_err(|e| Error::Msg(e.to_string()))?;
-        let mut children = Vec::new();
-        for i in 0..jobs {
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("run")
-                .arg(&common.config)
-                .arg("--shard")
-                .arg(format!("{i}/{jobs}"))
-                .arg("--stale-after")
-                .arg(stale_after.to_string());
-            if let Some(r) = &common.runs {
-                cmd.arg("--runs").arg(r);
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let devices = exec::parse_devices(list, visible.as_deref())?;
+        let mut workers = Vec::new();
+        for d in &devices {
+            for _ in 0..req.per_device {
+                let mut a = vec!["--device".to_string(), d.to_string()];
+                if let Some(s) = req.shard {
+                    a.extend(["--shard".to_string(), s.to_string()]);
+                }
+                workers.push(a);
             }
-            if retry_failed {
-                cmd.arg("--retry-failed");
-            }
-            if quiet {
-                cmd.arg("--quiet");
-            }
-            children.push(cmd.spawn().map_err(|e| Error::file(&exe, e))?);
         }
+        return Ok(Some(workers));
+    }
+    if req.jobs == 1 {
+        return Ok(None);
+    }
+    if req.shard.is_some() {
+        return Err(Error::config(
+            "--jobs",
+            "cannot be combined with --shard (each job is a shard)",
+        ));
+    }
+    let jobs = req.jobs;
+    Ok(Some(
+        (0..jobs)
+            .map(|i| vec!["--shard".to_string(), format!("{i}/{jobs}")])
+            .collect(),
+    ))
+}
+
+fn run_cmd(req: &RunRequest) -> Result<bool> {
+    let plan = load(req.common)?;
+    let start = Instant::now();
+    let mut ok = true;
+    if let Some(workers) = worker_args(req)? {
+        let children = workers
+            .iter()
+            .map(|a| spawn_worker(req, a))
+            .collect::<Result<Vec<_>>>()?;
         for mut c in children {
             let status = c.wait().map_err(|e| Error::Msg(e.to_string()))?;
             ok &= status.success();
         }
     } else {
-        let shard = shard.map(parse_shard).transpose()?.unwrap_or((0, 1));
+        let shard = req.shard.map(parse_shard).transpose()?.unwrap_or((0, 1));
+        let device = req
+            .device
+            .map(str::parse::<runner::DeviceSpec>)
+            .transpose()
+            .map_err(|e| Error::config("--device", e.to_string()))?;
         // Before any other thread exists: candle reads the thread count once.
         if let Some(r) = plan.runs.first() {
             runner::apply_threads(r.config.threads);
         }
         let opts = WorkerOptions {
             shard,
-            retry_failed,
-            stale_after: Duration::from_secs(stale_after),
-            progress: !quiet,
-            verbose: !quiet,
+            retry_failed: req.retry_failed,
+            stale_after: Duration::from_secs(req.stale_after),
+            progress: !req.quiet,
+            verbose: !req.quiet,
+            device,
         };
         let rep = exec::run_shard(&plan, &opts)?;
-        if !quiet {
+        if !req.quiet {
             println!(
-                "shard {}/{}: {} completed, {} diverged, {} already done, {} held by other \
+                "shard {}/{}{}: {} completed, {} diverged, {} already done, {} held by other \
                  workers, {} errors ({:.0}s)",
                 shard.0,
                 shard.1,
+                device.map(|d| format!(" on {d}")).unwrap_or_default(),
                 rep.completed.len(),
                 rep.diverged.len(),
                 rep.already_done,
@@ -312,8 +376,8 @@ fn run_cmd(
         }
         ok &= rep.errors.is_empty();
     }
-    if with_report {
-        report_cmd(&plan, report_dir)?;
+    if req.with_report {
+        report_cmd(&plan, req.report_dir)?;
         println!("sweep time: {:.0}s", start.elapsed().as_secs_f64());
     }
     Ok(ok)
@@ -427,21 +491,27 @@ fn main() -> ExitCode {
             common,
             shard,
             jobs,
+            devices,
+            per_device,
+            device,
             report,
             report_dir,
             retry_failed,
             stale_after,
             quiet,
-        } => run_cmd(
-            &common,
-            shard.as_deref(),
+        } => run_cmd(&RunRequest {
+            common: &common,
+            shard: shard.as_deref(),
             jobs,
-            report,
-            report_dir.as_deref(),
+            devices: devices.as_deref(),
+            per_device,
+            device: device.as_deref(),
+            with_report: report,
+            report_dir: report_dir.as_deref(),
             retry_failed,
             stale_after,
             quiet,
-        ),
+        }),
         Command::Slurm {
             common,
             tasks,

@@ -434,64 +434,6 @@ __device__ void column_dots(const Args<T>& a) {
     }
 }
 
-// In-place Cholesky factorization C = RᵀR of a symmetric positive definite n×n row-major
-// matrix (upper triangle read; R written to the upper triangle, the strict lower triangle
-// zeroed). Right-looking, one block: step k takes the pivot C[k][k], scales row k by 1/√pivot
-// and updates the trailing upper triangle C[i][j] −= R[k][i]·R[k][j]. A pivot outside
-// [s0, s1] (or not finite) stops the factorization with scratch[0] = k + 1 (0: success).
-// out: C; aux: n; s: pivot_min, pivot_max. Launched with exactly one block.
-template <typename T>
-__device__ void cholesky_upper(const Args<T>& a) {
-    T* c = a.out[0];
-    const unsigned long long n = a.aux[0];
-    const T lo = a.s[0], hi = a.s[1];
-    const unsigned long long t = threadIdx.x, nt = blockDim.x;
-    for (unsigned long long k = 0; k < n; ++k) {
-        __syncthreads();
-        const T pivot = c[k * n + k];
-        // Every thread reads the same pivot, so all leave together.
-        if (!(pivot >= lo && pivot <= hi) || !(pivot > T(0))) {
-            if (t == 0) a.scratch[0] = (double)(k + 1);
-            return;
-        }
-        const T r = root(pivot);
-        __syncthreads();
-        for (unsigned long long j = k + t; j < n; j += nt) {
-            c[k * n + j] = j == k ? r : c[k * n + j] / r;
-        }
-        __syncthreads();
-        const unsigned long long m = n - k - 1;
-        for (unsigned long long e = t; e < m * m; e += nt) {
-            const unsigned long long i = k + 1 + e / m, j = k + 1 + e % m;
-            if (j >= i) c[i * n + j] = c[i * n + j] - c[k * n + i] * c[k * n + j];
-        }
-    }
-    __syncthreads();
-    for (unsigned long long e = t; e < n * n; e += nt) {
-        if (e % n < e / n) c[e] = T(0);
-    }
-}
-
-// Solves X·R = A in place for X, R upper triangular n×n (row-major), A of rows×n stored
-// transposed (at[j][i] = A[i][j], so that consecutive threads, one per row of A, touch
-// consecutive addresses): x_ij = (a_ij − Σ_{l<j} x_il·R[l][j]) / R[j][j], l ascending.
-// out: at; in: R; n = rows; aux: n (the order of R).
-template <typename T>
-__device__ void solve_upper_right_t(const Args<T>& a) {
-    T* at = a.out[0];
-    const T* r = a.in[0];
-    const unsigned long long rows = a.n, n = a.aux[0];
-    GRID_STRIDE(i, rows) {
-        for (unsigned long long j = 0; j < n; ++j) {
-            T acc = at[j * rows + i];
-            for (unsigned long long l = 0; l < j; ++l) {
-                acc = acc - at[l * rows + i] * r[l * n + j];
-            }
-            at[j * rows + i] = acc / r[j * n + j];
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // SGD (src/optim/sgd.rs, Sgd::step_typed). Exactly one decay is active (decay = 1 − lr·wd with
 // l2 = 0, or decay = 1 with l2 = wd).
@@ -816,5 +758,3 @@ ENTRY(mars_momentum, mars_momentum)
 ENTRY(mars_apply, mars_apply)
 ENTRY(scale_by, scale_by)
 ENTRY(column_dots, column_dots)
-ENTRY_SYNC(cholesky_upper, cholesky_upper)
-ENTRY(solve_upper_right_t, solve_upper_right_t)

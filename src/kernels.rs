@@ -212,8 +212,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "mars_apply",
     "scale_by",
     "column_dots",
-    "cholesky_upper",
-    "solve_upper_right_t",
 ];
 
 #[cfg(optlab_emulate_kernels)]

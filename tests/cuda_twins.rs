@@ -327,12 +327,12 @@ fn soap_matches_cpu() {
     twins_of(&dev, "soap");
 }
 
-/// SOAP's device refresh (products, `column_dots`, `cholesky_upper`, `solve_upper_right_t`,
-/// cuSOLVER Householder fallback) against the CPU refresh (faer), and each kernel against its
-/// CPU twin, at sizes below, at and above one block.
+/// SOAP's device refresh (products, `column_dots`, cuSOLVER `potrf`, cuBLAS `trsm`, cuSOLVER
+/// Householder fallback) against the CPU refresh (faer), and each step against its CPU twin,
+/// at sizes below, at and above one block.
 #[test]
 fn factor_refresh_matches_cpu() {
-    use optlab::linalg::on_device::{cholesky_upper, column_dots, solve_upper_right_t};
+    use optlab::linalg::on_device::{cholesky_upper, column_dots, solve_upper_right};
     let Some(dev) = cuda() else { return };
     for dtype in [DType::F32, DType::F64] {
         let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
@@ -354,23 +354,21 @@ fn factor_refresh_matches_cpu() {
             .unwrap()
             .contiguous()
             .unwrap();
-            let (c_cpu, c_gpu) = (spd.copy().unwrap(), spd.to_device(&dev).unwrap());
-            assert!(cholesky_upper(&c_cpu, (0.0, f64::INFINITY))
+            let spd_gpu = spd.to_device(&dev).unwrap();
+            let c_cpu = cholesky_upper(&spd, (0.0, f64::INFINITY))
                 .unwrap()
-                .is_ok());
-            assert!(cholesky_upper(&c_gpu, (0.0, f64::INFINITY))
+                .expect("positive definite");
+            let c_gpu = cholesky_upper(&spd_gpu, (0.0, f64::INFINITY))
                 .unwrap()
-                .is_ok());
+                .expect("positive definite");
             assert_close(
                 &format!("cholesky {dtype:?} n={n}"),
                 &c_cpu,
                 &c_gpu,
                 tolerance(dtype),
             );
-            let at = y.t().unwrap().contiguous().unwrap();
-            let (a_cpu, a_gpu) = (at.copy().unwrap(), at.to_device(&dev).unwrap());
-            solve_upper_right_t(&a_cpu, &c_cpu).unwrap();
-            solve_upper_right_t(&a_gpu, &c_gpu).unwrap();
+            let a_cpu = solve_upper_right(&y, &c_cpu).unwrap();
+            let a_gpu = solve_upper_right(&y.to_device(&dev).unwrap(), &c_gpu).unwrap();
             assert_close(&format!("solve {dtype:?} n={n}"), &a_cpu, &a_gpu, tol);
 
             // The whole refresh from a factor and a basis near its eigenbasis.
@@ -879,4 +877,97 @@ fn comparison_helper_catches_an_unwritten_element() {
     let u = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
     assert!(check_close(&t, &u, 1e-5).is_err());
     assert!(check_close(&t, &t.copy().unwrap(), 0.0).is_ok());
+}
+
+/// The runner on a GPU: the same run on the CPU and on the GPU from the same seed gives the
+/// same losses (within f32 reduction-order differences), the GPU run's checkpoint resumes on
+/// the CPU, resuming on the GPU is bit-identical to running through, and `env.json` names the
+/// GPU.
+#[test]
+fn runner_trains_on_the_gpu_like_the_cpu() {
+    use optlab::data::{DataConfig, Dataset};
+    use optlab::runner::{read_metrics, run, EnvInfo, RunConfig, RunOptions};
+    let Some(_dev) = cuda() else { return };
+    let data = Dataset::load(&DataConfig::default()).unwrap();
+    for optimizer in [
+        "name = \"adamw\"\nlr = 3e-3",
+        "name = \"soap\"\nlr = 3e-3\nprecondition_frequency = 2",
+    ] {
+        let text = format!(
+            "seed = 5\n[model]\npreset = \"test\"\n[optimizer]\n{optimizer}\n\
+             [train]\nbatch_size = 4\nsteps = 8\ngrad_clip = 1.0\nlog_interval = 1\n\
+             [eval]\ninterval = 4\ntokens = 512\n[ewa]\ntaus = [0.9]\n\
+             [checkpoint]\ninterval = 4\n"
+        );
+        let cfg = |device: &str| RunConfig::parse(&text, &[format!("device={device}")]).unwrap();
+        let go = |device: &str, dir: &std::path::Path, stop: Option<u64>, resume: bool| {
+            let mut o = RunOptions::new(dir);
+            o.dataset = Some(data.clone());
+            o.stop_after = stop;
+            o.resume = resume;
+            run(&cfg(device), &o).unwrap_or_else(|e| panic!("{device}: {e}"))
+        };
+        let losses = |dir: &std::path::Path| -> Vec<f64> {
+            read_metrics(&dir.join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .filter_map(|l| l.train_loss)
+                .collect()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let (on_cpu, on_gpu) = (tmp.path().join("cpu"), tmp.path().join("gpu"));
+        go("cpu", &on_cpu, None, false);
+        go("cuda", &on_gpu, None, false);
+        let (lc, lg) = (losses(&on_cpu), losses(&on_gpu));
+        assert_eq!(lc.len(), 8);
+        assert_eq!(lg.len(), 8);
+        for (step, (c, g)) in lc.iter().zip(&lg).enumerate() {
+            assert!(
+                (c - g).abs() <= 1e-3 * c.abs(),
+                "{optimizer}: step {}: cpu {c} gpu {g}",
+                step + 1
+            );
+        }
+        let env: EnvInfo =
+            serde_json::from_str(&std::fs::read_to_string(on_gpu.join("env.json")).unwrap())
+                .unwrap();
+        assert_eq!(env.device, "cuda:0");
+        let gpu = env.gpu.expect("GPU details in env.json");
+        assert!(
+            gpu.name.is_some() && gpu.cuda_driver_api.is_some(),
+            "{gpu:?}"
+        );
+
+        // Stopped on the GPU at step 4: resumed on the GPU it matches the straight run bit
+        // for bit; resumed on the CPU it finishes within the same tolerance.
+        let (split, moved) = (tmp.path().join("split"), tmp.path().join("moved"));
+        go("cuda", &split, Some(4), false);
+        copy_dir(&split, &moved);
+        go("cuda", &split, None, true);
+        assert_eq!(
+            losses(&split),
+            lg,
+            "{optimizer}: GPU resume is not bit-identical"
+        );
+        go("cpu", &moved, None, true);
+        for (c, m) in lc.iter().zip(losses(&moved)) {
+            assert!(
+                (c - m).abs() <= 1e-3 * c.abs(),
+                "{optimizer}: moved {m} vs cpu {c}"
+            );
+        }
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
 }

@@ -649,3 +649,50 @@ fn readme_config_example_parses() {
     assert_eq!(cfg.total_steps(), 120);
     assert_eq!(cfg.groups.len(), 1);
 }
+
+#[test]
+fn the_device_is_a_config_field_outside_the_runs_identity() {
+    let base = "[train]\nbatch_size = 2\nsteps = 4\n[eval]\ninterval = 0\ntokens = 256\n\
+                [checkpoint]\ninterval = 2";
+    let cpu = parse(&config("name = \"adamw\"", base));
+    assert!(cpu.device.is_cpu());
+    // The CPU is the default and stays implicit in the resolved config (so resolved configs
+    // and sweep ids from before the field existed are unchanged); a GPU is written out.
+    assert!(!cpu.to_toml().unwrap().contains("device"));
+    let gpu = parse(&format!(
+        "device = \"cuda:1\"\n{}",
+        config("name = \"adamw\"", base)
+    ));
+    assert!(gpu.to_toml().unwrap().contains("device = \"cuda:1\""));
+    assert_eq!(parse(&gpu.to_toml().unwrap()).device, gpu.device);
+    let set = RunConfig::parse(&config("name = \"adamw\"", base), &["device=cuda".into()]).unwrap();
+    assert_eq!(set.device.to_string(), "cuda:0");
+    for bad in ["\"gpu\"", "\"cuda:x\"", "3"] {
+        let text = format!("device = {bad}\n{}", config("name = \"adamw\"", base));
+        let err = RunConfig::parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("device"), "{bad}: {err}");
+    }
+
+    // A run stopped on the CPU may continue on another device: only opening it can fail.
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.stop_after = Some(2);
+    assert_eq!(run_ok(&cpu, &o).steps, 2);
+    let mut resume = opts(dir.path());
+    resume.resume = true;
+    let mut elsewhere = cpu.clone();
+    elsewhere.device = "cuda".parse().unwrap();
+    let err = run(&elsewhere, &resume).unwrap_err().to_string();
+    assert!(!err.contains("different run"), "{err}");
+    assert!(err.contains("device") && err.contains("cpu"), "{err}");
+    #[cfg(not(feature = "cuda"))]
+    assert!(err.contains("--features cuda"), "{err}");
+    // The failed attempt touched nothing: the CPU resumes where it stopped.
+    let done = run_ok(&cpu, &resume);
+    assert_eq!(done.steps, 4);
+    let env: EnvInfo =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("env.json")).unwrap())
+            .unwrap();
+    assert_eq!(env.device, "cpu");
+    assert!(env.gpu.is_none());
+}

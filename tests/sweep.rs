@@ -682,3 +682,75 @@ fn the_committed_cbs_scaling_sweeps_share_their_d64_runs() {
         assert!(tokens > largest, "{}", r.coords.describe());
     }
 }
+
+#[test]
+fn gpu_placement_flags_are_checked_and_slurm_tasks_use_their_gpus() {
+    let dir = setup(TINY);
+    let err = |args: &[&str]| {
+        let out = sweep(args, dir.path());
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = err(&["run", "sweep.toml", "--devices", "0", "--jobs", "2"]);
+    assert!(e.contains("--jobs") || e.contains("--devices"), "{e}");
+    let e = err(&["run", "sweep.toml", "--per-device", "2"]);
+    assert!(e.contains("--devices"), "{e}");
+    let e = err(&["run", "sweep.toml", "--devices", "0,x"]);
+    assert!(e.contains("--devices"), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_sweep"))
+        .args(["run", "sweep.toml", "--devices", "visible"])
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA_VISIBLE_DEVICES"));
+
+    // Without a GPU (or without the `cuda` feature) a GPU worker fails every run with the
+    // reason, and leaves nothing that counts as done or diverged: the CPU takes them after.
+    let out = sweep(
+        &[
+            "run",
+            "sweep.toml",
+            "--runs",
+            "runs",
+            "--device",
+            "cuda:0",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("cuda:0") && e.contains("device=cpu"), "{e}");
+    let plan = ok(&sweep(
+        &["plan", "sweep.toml", "--runs", "runs", "--json"],
+        dir.path(),
+    ));
+    assert!(
+        !plan.contains("\"finished\"") && !plan.contains("\"diverged\""),
+        "{plan}"
+    );
+    ok(&sweep(
+        &["run", "sweep.toml", "--runs", "runs", "--quiet"],
+        dir.path(),
+    ));
+    assert_eq!(all_metrics(&dir.path().join("runs")), reference().metrics);
+
+    ok(&sweep(
+        &[
+            "slurm",
+            "sweep.toml",
+            "--runs",
+            "runs",
+            "--gpus",
+            "2",
+            "--script",
+            "gpu.sbatch",
+        ],
+        dir.path(),
+    ));
+    let script = std::fs::read_to_string(dir.path().join("gpu.sbatch")).unwrap();
+    assert!(script.contains("#SBATCH --gres=gpu:2"), "{script}");
+    assert!(script.contains("--devices visible"), "{script}");
+}

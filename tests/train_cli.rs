@@ -227,3 +227,36 @@ fn bad_input_fails_with_a_message() {
     let missing = train().arg(tmp.path().join("nope.toml")).output().unwrap();
     fails(missing, "nope.toml");
 }
+
+#[test]
+fn a_cuda_device_without_the_feature_or_a_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = dir.path().join("run");
+    let res = train()
+        .arg(&cfg)
+        .args(["--set", "device=cuda", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("device") && err.contains("device=cpu"),
+        "{err}"
+    );
+    if cfg!(not(feature = "cuda")) {
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    // Nothing was written: the same directory takes a CPU run.
+    assert!(!out.join("config.toml").exists());
+    let res = train()
+        .arg(&cfg)
+        .args(["--set", "device=cuda:x", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("cuda:N"));
+}

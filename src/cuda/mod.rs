@@ -29,6 +29,15 @@ use crate::optim::fused::Float;
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 /// Module name under which candle caches the loaded PTX.
 const MODULE: &str = "optlab_fused";
+
+/// The CUDA version the installed driver supports (`cuDriverGetVersion`), as `major.minor`.
+pub fn driver_cuda_version() -> Option<String> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: cuDriverGetVersion only writes the int it is given; it needs no context.
+    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    (status == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+        .then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+}
 // SAFETY: a plain `#[repr(C)]` aggregate of integers and f32/f64 whose layout matches the C++
 // struct (8-byte fields first, no padding before the scalar array for either float type).
 unsafe impl<T: DeviceRepr> DeviceRepr for Args<T> {}

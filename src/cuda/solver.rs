@@ -1,7 +1,8 @@
-//! cuSOLVER on candle tensors (feature `cuda`): the Householder QR (`geqrf` + `orgqr`) that
-//! backs SOAP's device refresh when Cholesky-QR breaks down (and is its benchmark baseline),
-//! and the symmetric eigendecomposition (`syevd`) for SOAP's first basis and Shampoo's inverse
-//! roots. One attempt each in the tensor's dtype; the f64-retry policy lives in
+//! cuSOLVER and cuBLAS's level-3 solvers on candle tensors (feature `cuda`): the Cholesky
+//! factorization (`potrf`) and triangular solve (`trsm`) of SOAP's Cholesky-QR refresh, the
+//! Householder QR (`geqrf` + `orgqr`) that backs it when Cholesky-QR breaks down (and is its
+//! benchmark baseline), and the symmetric eigendecomposition (`syevd`) for SOAP's first basis
+//! and Shampoo's inverse roots. One attempt each in the tensor's dtype; the f64-retry policy lives in
 //! [`crate::linalg::on_device`].
 //!
 //! cuSOLVER is column-major: the row-major buffer of `Aᵀ` is `A` in column-major order, so a
@@ -27,6 +28,25 @@ use crate::optim::fused::Float;
 
 /// The dtype-specific cuSOLVER entry points.
 trait Lapack: Float + DeviceRepr + ValidAsZeroBits {
+    unsafe fn potrf_size(
+        h: cusolverDnHandle_t,
+        uplo: cublasFillMode_t,
+        n: c_int,
+        a: *mut Self,
+        lda: c_int,
+        lwork: *mut c_int,
+    ) -> cusolverStatus_t;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn potrf(
+        h: cusolverDnHandle_t,
+        uplo: cublasFillMode_t,
+        n: c_int,
+        a: *mut Self,
+        lda: c_int,
+        work: *mut Self,
+        lwork: c_int,
+        info: *mut c_int,
+    ) -> cusolverStatus_t;
     unsafe fn geqrf_size(
         h: cusolverDnHandle_t,
         m: c_int,
@@ -98,8 +118,30 @@ trait Lapack: Float + DeviceRepr + ValidAsZeroBits {
 }
 
 macro_rules! lapack {
-    ($t:ty, $geqrf_size:ident, $geqrf:ident, $orgqr_size:ident, $orgqr:ident, $syevd_size:ident, $syevd:ident) => {
+    ($t:ty, $potrf_size:ident, $potrf:ident, $geqrf_size:ident, $geqrf:ident, $orgqr_size:ident, $orgqr:ident, $syevd_size:ident, $syevd:ident) => {
         impl Lapack for $t {
+            unsafe fn potrf_size(
+                h: cusolverDnHandle_t,
+                uplo: cublasFillMode_t,
+                n: c_int,
+                a: *mut Self,
+                lda: c_int,
+                lwork: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$potrf_size(h, uplo, n, a, lda, lwork)
+            }
+            unsafe fn potrf(
+                h: cusolverDnHandle_t,
+                uplo: cublasFillMode_t,
+                n: c_int,
+                a: *mut Self,
+                lda: c_int,
+                work: *mut Self,
+                lwork: c_int,
+                info: *mut c_int,
+            ) -> cusolverStatus_t {
+                dn::$potrf(h, uplo, n, a, lda, work, lwork, info)
+            }
             unsafe fn geqrf_size(
                 h: cusolverDnHandle_t,
                 m: c_int,
@@ -181,6 +223,8 @@ macro_rules! lapack {
 
 lapack!(
     f32,
+    cusolverDnSpotrf_bufferSize,
+    cusolverDnSpotrf,
     cusolverDnSgeqrf_bufferSize,
     cusolverDnSgeqrf,
     cusolverDnSorgqr_bufferSize,
@@ -190,6 +234,8 @@ lapack!(
 );
 lapack!(
     f64,
+    cusolverDnDpotrf_bufferSize,
+    cusolverDnDpotrf,
     cusolverDnDgeqrf_bufferSize,
     cusolverDnDgeqrf,
     cusolverDnDorgqr_bufferSize,
@@ -231,6 +277,136 @@ fn with_handle<R>(dev: &CudaDevice, f: impl FnOnce(cusolverDnHandle_t) -> Result
         Ok(cu)
     })?;
     f(handle)
+}
+
+/// Cholesky factorization in place (`potrf`): the contiguous row-major symmetric positive
+/// definite `c` (`n×n`) gets `R` in its upper triangle, `C = RᵀR`; its strict lower triangle
+/// keeps entries of `C`. `Err(k)` when the leading minor of order `k + 1` is not positive
+/// definite (cuSOLVER's `info`).
+///
+/// Row-major `C` is column-major `Cᵀ = C`; asking cuSOLVER for the column-major lower factor
+/// `C = L·Lᵀ` writes `L` where the row-major view reads `Lᵀ = R`.
+pub fn potrf_upper(c: &Tensor) -> Result<std::result::Result<(), usize>> {
+    let n = crate::linalg::square_side(c, "potrf")?;
+    if !c.is_contiguous() {
+        return Err(Error::Msg("potrf: the matrix must be contiguous".into()));
+    }
+    if n == 0 {
+        return Ok(Ok(()));
+    }
+    crate::with_float!(c.dtype(), "potrf", T => potrf_typed::<T>(c, n))
+}
+
+fn potrf_typed<T: Lapack>(c: &Tensor, n: usize) -> Result<std::result::Result<(), usize>> {
+    let ni = int(n, "potrf")?;
+    let uplo = cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    let mut status = 0i32;
+    with_device_ptrs::<T>(&[c], &[], |dev, o, _| {
+        with_handle(dev, |h| {
+            let pa = o[0] as *mut T;
+            let mut lwork: c_int = 0;
+            // SAFETY: `pa` addresses n·n elements (lda = n), as checked by `with_device_ptrs`;
+            // the workspace holds the size cuSOLVER asks for.
+            unsafe {
+                check(
+                    "potrf_bufferSize",
+                    T::potrf_size(h, uplo, ni, pa, ni, &mut lwork),
+                )?;
+            }
+            let lwork = lwork.max(1);
+            let mut ws = dev.alloc_zeros::<T>(lwork as usize)?;
+            let mut info = dev.alloc_zeros::<i32>(1)?;
+            {
+                let stream = dev.cuda_stream();
+                let (pw, _ws_sync) = ws.device_ptr_mut(&stream);
+                let (pi, _info_sync) = info.device_ptr_mut(&stream);
+                // SAFETY: as above; `pi` addresses one int.
+                unsafe {
+                    check(
+                        "potrf",
+                        T::potrf(h, uplo, ni, pa, ni, pw as *mut T, lwork, pi as *mut c_int),
+                    )?;
+                }
+            }
+            status = dev.clone_dtoh(&info)?[0];
+            Ok(())
+        })
+    })?;
+    Ok(match status {
+        0 => Ok(()),
+        k if k > 0 => Err(k as usize - 1),
+        k => {
+            return Err(Error::Msg(format!(
+                "cuSOLVER potrf: argument {} is invalid",
+                -k
+            )))
+        }
+    })
+}
+
+/// `A ← A·R⁻¹` in place by cuBLAS `trsm`: `a` is a contiguous row-major `m×n` matrix, `r` a
+/// contiguous row-major `n×n` matrix whose upper triangle is read (the rest is ignored).
+///
+/// Row-major `A` is column-major `Aᵀ` and row-major `R`'s upper triangle is column-major
+/// `Rᵀ`'s lower one, so `X·R = A` is solved as `Rᵀ·Xᵀ = Aᵀ` from the left.
+pub fn trsm_right_upper(a: &Tensor, r: &Tensor) -> Result<()> {
+    use cudarc::cublas::sys::{
+        cublasDiagType_t, cublasDtrsm_v2, cublasFillMode_t as Fill, cublasOperation_t,
+        cublasSideMode_t, cublasStrsm_v2,
+    };
+    let (m, n) = a.dims2()?;
+    if r.dims() != [n, n] || !a.is_contiguous() || !r.is_contiguous() || a.dtype() != r.dtype() {
+        return Err(Error::Msg(format!(
+            "trsm: A {:?} {:?} and R {:?} {:?} (both contiguous, R square of A's width)",
+            a.dims(),
+            a.dtype(),
+            r.dims(),
+            r.dtype()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (mi, ni) = (int(m, "trsm")?, int(n, "trsm")?);
+    let (side, fill, op, diag) = (
+        cublasSideMode_t::CUBLAS_SIDE_LEFT,
+        Fill::CUBLAS_FILL_MODE_LOWER,
+        cublasOperation_t::CUBLAS_OP_N,
+        cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+    );
+    let dtype = a.dtype();
+    crate::with_float!(dtype, "trsm", T => {
+        with_device_ptrs::<T>(&[a], &[r], |dev, o, i| {
+            // cuBLAS runs in the calling thread's current context: make it the device's.
+            dev.cuda_stream().context().bind_to_thread().w()?;
+            let blas = dev.cublas_handle();
+            let handle = *blas.handle();
+            // SAFETY: B = A holds m·n elements (ldb = n), R holds n·n (lda = n), both checked
+            // by `with_device_ptrs`; alpha is a host scalar living across the call; the
+            // handle is bound to the device's stream.
+            let status = unsafe {
+                match T::DTYPE {
+                    candle_core::DType::F32 => {
+                        let one = 1.0f32;
+                        cublasStrsm_v2(
+                            handle, side, fill, op, diag, ni, mi, &one,
+                            i[0] as *const f32, ni, o[0] as *mut f32, ni,
+                        )
+                    }
+                    _ => {
+                        let one = 1.0f64;
+                        cublasDtrsm_v2(
+                            handle, side, fill, op, diag, ni, mi, &one,
+                            i[0] as *const f64, ni, o[0] as *mut f64, ni,
+                        )
+                    }
+                }
+            };
+            status
+                .result()
+                .map_err(|e| Error::Msg(format!("cuBLAS trsm: {e:?}")))
+        })
+    })
 }
 
 /// The orthonormal factor `Q` (`m×n`, `m ≥ n`) of the Householder QR of a row-major matrix on

@@ -143,6 +143,55 @@ pub fn clip_grad_norm_named(
     clip_labelled(grads, vars.iter().map(|(n, v)| (n.clone(), v)), max_norm)
 }
 
+/// [`clip_grad_norm_named`] for gradients on a GPU, without waiting for the device: the total
+/// norm (f64) and the factor `min(1, max_norm / (norm + 1e-6))` are computed on the device and
+/// every gradient is multiplied by the factor (exactly 1 when no clipping is needed, so the
+/// gradients are then unchanged); with `max_norm = None` nothing is clipped. Returns the norm
+/// before clipping as a 0-d f64 tensor on the gradients' device.
+///
+/// Unlike the host version it cannot refuse a non-finite norm before touching the gradients:
+/// a NaN or infinite gradient stays non-finite after the multiplication, and the optimizer's
+/// finiteness check ([`NonFinitePolicy`](crate::optim::NonFinitePolicy)) refuses the step.
+/// The norm's summation order is candle's reduction, not the host's.
+pub fn clip_grad_norm_on_device(
+    grads: &mut GradStore,
+    vars: &[(String, Var)],
+    max_norm: Option<f64>,
+) -> Result<Tensor> {
+    if let Some(max) = max_norm {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(Error::config(
+                "max_norm",
+                format!("must be finite and > 0, got {max}"),
+            ));
+        }
+    }
+    let present = with_grads(grads, vars.iter().map(|(n, v)| (n.clone(), v)));
+    let Some((_, _, first)) = present.first() else {
+        let device = vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        return Ok(Tensor::zeros((), DType::F64, &device)?);
+    };
+    let device = first.device().clone();
+    let sums = present
+        .iter()
+        .map(|(_, _, g)| Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let norm = Tensor::stack(&sums, 0)?.sum_all()?.sqrt()?;
+    let Some(max) = max_norm else {
+        return Ok(norm);
+    };
+    let denom = norm.affine(1.0, CLIP_EPS)?;
+    let coef = Tensor::full(max, (), &device)?.div(&denom)?.minimum(1.0)?;
+    for (_, var, g) in &present {
+        let c = coef.to_dtype(g.dtype())?;
+        grads.insert(var.as_tensor(), g.broadcast_mul(&c)?);
+    }
+    Ok(norm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +203,43 @@ mod tests {
             g.insert(v.as_tensor(), t.clone());
         }
         g
+    }
+
+    #[test]
+    fn the_device_form_clips_like_the_host_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::new(&[0.0f32, 0.0], &dev)?;
+        let b = Var::new(&[[0.0f32, 0.0]], &dev)?;
+        let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        for max in [2.0, 10.0] {
+            let grads = || -> Result<GradStore> {
+                Ok(store(&[
+                    (&a, Tensor::new(&[1.0f32, 2.0], &dev)?),
+                    (&b, Tensor::new(&[[2.0f32, 4.0]], &dev)?),
+                ]))
+            };
+            let (mut host, mut device) = (grads()?, grads()?);
+            let norm = clip_grad_norm_named(&mut host, &vars, max)?;
+            let on_device = clip_grad_norm_on_device(&mut device, &vars, Some(max))?;
+            assert_eq!(on_device.to_scalar::<f64>()?, norm);
+            for v in [&a, &b] {
+                let h = host.get(v).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                let d = device.get(v).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(h, d, "max_norm {max}");
+            }
+        }
+        // No clipping asked: the norm only, gradients untouched.
+        let mut g = store(&[(&a, Tensor::new(&[3.0f32, 4.0], &dev)?)]);
+        let n = clip_grad_norm_on_device(&mut g, &vars, None)?;
+        assert_eq!(n.to_scalar::<f64>()?, 5.0);
+        assert_eq!(g.get(&a).unwrap().to_vec1::<f32>()?, vec![3.0, 4.0]);
+        // A NaN gradient stays NaN (the optimizer's check refuses it), nothing panics.
+        let mut g = store(&[(&a, Tensor::new(&[f32::NAN, 1.0], &dev)?)]);
+        let n = clip_grad_norm_on_device(&mut g, &vars, Some(1.0))?;
+        assert!(n.to_scalar::<f64>()?.is_nan());
+        assert!(g.get(&a).unwrap().to_vec1::<f32>()?[0].is_nan());
+        assert!(clip_grad_norm_on_device(&mut g, &vars, Some(0.0)).is_err());
+        Ok(())
     }
 
     #[test]

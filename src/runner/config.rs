@@ -5,6 +5,7 @@
 //! seed = 0                 # data order, Sophia's label sampling, and model.seed unless given
 //! threads = 0              # CPU threads (0 = candle's default: the physical cores)
 //! dtype = "f32"            # parameter dtype: f32 or f64
+//! device = "cpu"           # where it trains: cpu, cuda or cuda:N (needs the `cuda` feature)
 //!
 //! [model]
 //! preset = "tiny"          # a ModelConfig preset; the other keys here override its fields
@@ -57,6 +58,7 @@ use crate::data::DataConfig;
 use crate::error::{check, Error, Result};
 use crate::models::ModelConfig;
 use crate::optim::{GroupSpec, OptimConfig, OptimizerSpec, Schedule};
+use crate::runner::device::DeviceSpec;
 
 /// Parameter dtype of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -191,6 +193,11 @@ pub struct RunConfig {
     pub threads: usize,
     /// Parameter dtype.
     pub dtype: Precision,
+    /// Where the run trains (`cpu`, `cuda`, `cuda:N`; default `cpu`). Not part of the run's
+    /// identity: a checkpoint resumes on any device, and the resolved config omits the key when
+    /// it is the CPU (so configs and sweep ids from before the key existed are unchanged).
+    #[serde(skip_serializing_if = "DeviceSpec::is_cpu")]
+    pub device: DeviceSpec,
     /// The model (preset expanded).
     pub model: ModelConfig,
     /// The data.
@@ -212,10 +219,11 @@ pub struct RunConfig {
 }
 
 /// The top-level keys of a run config.
-pub const SECTIONS: [&str; 12] = [
+pub const SECTIONS: [&str; 13] = [
     "seed",
     "threads",
     "dtype",
+    "device",
     "model",
     "data",
     "optimizer",
@@ -419,6 +427,7 @@ impl RunConfig {
         let seed: u64 = take(&mut table, "seed")?.unwrap_or(0);
         let threads: usize = take(&mut table, "threads")?.unwrap_or(0);
         let dtype: Precision = take(&mut table, "dtype")?.unwrap_or_default();
+        let device: DeviceSpec = take(&mut table, "device")?.unwrap_or_default();
         let model_table = match table.remove("model") {
             Some(toml::Value::Table(t)) => t,
             Some(other) => {
@@ -478,6 +487,7 @@ impl RunConfig {
             seed,
             threads,
             dtype,
+            device,
             model,
             data,
             optimizer,

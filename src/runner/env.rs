@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::runner::device::DeviceInfo;
+
 /// The environment a run executed in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnvInfo {
@@ -19,8 +21,11 @@ pub struct EnvInfo {
     pub threads: usize,
     /// Logical CPUs available to the process.
     pub available_cpus: usize,
-    /// Device name (`cpu`).
+    /// The device: `cpu` or `cuda:N`.
     pub device: String,
+    /// The GPU's name, compute capability, memory, driver and CUDA versions (absent on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<DeviceInfo>,
     /// CPU model (from /proc/cpuinfo, Linux).
     pub cpu: Option<String>,
     /// CPU features candle was built with (`avx`, `f16c`, `neon`, `mkl`, `accelerate`).
@@ -74,8 +79,8 @@ fn cpu_model() -> Option<String> {
 }
 
 impl EnvInfo {
-    /// Captures the current environment.
-    pub fn capture(resumed_from_step: Option<u64>) -> Self {
+    /// Captures the current environment of a run on `device`.
+    pub fn capture(resumed_from_step: Option<u64>, device: &DeviceInfo) -> Self {
         use candle_core::utils;
         let mut cpu_features = Vec::new();
         for (on, name) in [
@@ -99,7 +104,8 @@ impl EnvInfo {
             available_cpus: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
-            device: "cpu".into(),
+            device: device.spec.clone(),
+            gpu: (device.spec != "cpu").then(|| device.clone()),
             cpu: cpu_model(),
             cpu_features,
             os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
@@ -122,8 +128,10 @@ mod tests {
         let v = locked_version("candle-core").unwrap();
         assert!(v.starts_with("0.11"), "{v}");
         assert!(locked_version("no-such-crate").is_none());
-        let env = EnvInfo::capture(None);
+        let cpu = DeviceInfo::capture(crate::runner::DeviceSpec::Cpu, &candle_core::Device::Cpu);
+        let env = EnvInfo::capture(None, &cpu);
         assert_eq!(env.device, "cpu");
+        assert!(env.gpu.is_none());
         assert!(env.threads >= 1);
     }
 }

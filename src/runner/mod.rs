@@ -52,6 +52,7 @@
 pub mod alloc;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod env;
 pub mod metrics;
 
@@ -69,6 +70,7 @@ use crate::data::{Batch, Dataset, Sampler};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::models::{lm_loss, Model};
+use crate::optim::clip::clip_grad_norm_on_device;
 use crate::optim::{
     clip_grad_norm_named, grad_norm, Driver, Ewa, ExtraInput, OptimConfig, Optimizer,
 };
@@ -78,12 +80,14 @@ pub use config::{
     apply_override, set_dotted, CheckpointConfig, EvalConfig, EwaConfig, Precision, RunConfig,
     TrainConfig,
 };
+pub use device::{DeviceInfo, DeviceSpec};
 pub use env::EnvInfo;
 pub use metrics::{read_metrics, MetricsLine, Summary, TargetTracker};
 
 /// Config fields that may differ between a checkpoint and the run resuming it.
-pub const RESUMABLE_CHANGES: [&str; 4] = [
+pub const RESUMABLE_CHANGES: [&str; 5] = [
     "threads",
+    "device",
     "checkpoint.interval",
     "train.steps",
     "train.tokens",
@@ -145,57 +149,86 @@ pub fn apply_threads(threads: usize) {
 }
 
 /// Runs (or resumes) the training run `config` into `opts.out`; see the module docs.
+///
+/// The stages: [`open_run_dir`] decides between a fresh start and a resumption, the data and
+/// the [`Trainer`] are built on the configured device, [`check_budget`] refuses (or notes) data
+/// repetition, [`start_loop`] restores a checkpoint or starts the metrics, the run's
+/// `config.toml` and `env.json` are written, then [`train_loop`] runs the steps, and the summary
+/// closes the run.
 pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
     config.validate()?;
-    let mut notes = Vec::new();
-    let note = |msg: String, notes: &mut Vec<String>| {
-        if opts.log {
+    let mut notes = Notes::new(opts.log);
+    let dir = &opts.out;
+    let loaded = open_run_dir(config, dir, opts.resume, &mut notes)?;
+    let data = run_data(config, opts)?;
+    let mut t = Trainer::new(config, &data)?;
+    check_budget(config, &t, &mut notes)?;
+
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let (mut state, mut writer) = start_loop(&mut t, dir, loaded, &mut notes)?;
+    write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
+    let resumed_from = (state.step > 0).then_some(state.step);
+    let env = EnvInfo::capture(resumed_from, &DeviceInfo::capture(config.device, &t.device));
+    write_json(&dir.join("env.json"), &env)?;
+
+    if !train_loop(&mut t, config, opts, &mut state, &mut writer)? {
+        return Ok(RunReport {
+            dir: dir.clone(),
+            steps: state.step,
+            summary: None,
+            notes: notes.into_vec(),
+        });
+    }
+    let summary = t.summary(&state, &data);
+    write_json(&dir.join("summary.json"), &summary)?;
+    Ok(RunReport {
+        dir: dir.clone(),
+        steps: state.step,
+        summary: Some(summary),
+        notes: notes.into_vec(),
+    })
+}
+
+/// Notes of a run: kept for the report, and printed as they come when asked to.
+struct Notes {
+    print: bool,
+    lines: Vec<String>,
+}
+
+impl Notes {
+    fn new(print: bool) -> Self {
+        Self {
+            print,
+            lines: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, msg: String) {
+        if self.print {
             eprintln!("{msg}");
         }
-        notes.push(msg);
-    };
-    let dir = &opts.out;
-    let config_path = dir.join("config.toml");
-    let metrics_path = dir.join("metrics.jsonl");
+        self.lines.push(msg);
+    }
 
-    // What the directory holds decides between a fresh start and a resumption.
-    let loaded = if opts.resume {
-        if !config_path.is_file() {
-            return Err(Error::file(
-                &config_path,
-                "nothing to resume: the run directory holds no config.toml",
-            ));
-        }
-        let saved =
-            std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
-        check_same_run(config, &saved, &config_path)?;
-        let loaded = checkpoint::latest(dir)?;
-        if let Some(l) = &loaded {
-            for s in &l.skipped {
-                note(
-                    format!(
-                        "skipping torn checkpoint {} (no manifest: interrupted while writing)",
-                        s.display()
-                    ),
-                    &mut notes,
-                );
-            }
-            check_same_run(
-                config,
-                &l.manifest.config,
-                &l.dir.join(checkpoint::MANIFEST),
-            )?;
-        } else {
-            note(
-                "no complete checkpoint yet: starting the run from step 0".into(),
-                &mut notes,
-            );
-        }
-        loaded
-    } else {
+    fn into_vec(self) -> Vec<String> {
+        self.lines
+    }
+}
+
+/// Checks what `dir` holds against the request: a resumption needs the same run's config and
+/// returns its newest complete checkpoint (if any); a fresh start needs a directory without a
+/// run.
+fn open_run_dir(
+    config: &RunConfig,
+    dir: &Path,
+    resume: bool,
+    notes: &mut Notes,
+) -> Result<Option<checkpoint::Loaded>> {
+    let config_path = dir.join("config.toml");
+    if !resume {
         for p in [
             &config_path,
-            &metrics_path,
+            &dir.join("metrics.jsonl"),
             &checkpoint::checkpoints_dir(dir),
         ] {
             if p.exists() {
@@ -205,87 +238,139 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
                 ));
             }
         }
-        None
-    };
-
-    let data = match &opts.dataset {
-        Some(d) => {
-            let expected = match &config.data.dir {
-                Some(dir) => dir.display().to_string(),
-                None => format!("embedded:{}", config.data.corpus),
-            };
-            let tokenizer_ok =
-                config.data.dir.is_some() || d.tokenizer() == config.data.tokenizer.name();
-            if d.source() != expected || !tokenizer_ok {
-                return Err(Error::config(
-                    "data",
-                    format!(
-                        "the dataset passed in RunOptions is {} ({} tokens), the config names \
-                         {expected}",
-                        d.source(),
-                        d.tokenizer()
-                    ),
+        return Ok(None);
+    }
+    if !config_path.is_file() {
+        return Err(Error::file(
+            &config_path,
+            "nothing to resume: the run directory holds no config.toml",
+        ));
+    }
+    let saved = std::fs::read_to_string(&config_path).map_err(|e| Error::file(&config_path, e))?;
+    check_same_run(config, &saved, &config_path)?;
+    let loaded = checkpoint::latest(dir)?;
+    match &loaded {
+        Some(l) => {
+            for s in &l.skipped {
+                notes.push(format!(
+                    "skipping torn checkpoint {} (no manifest: interrupted while writing)",
+                    s.display()
                 ));
             }
-            d.clone()
+            check_same_run(
+                config,
+                &l.manifest.config,
+                &l.dir.join(checkpoint::MANIFEST),
+            )?;
         }
-        None => Dataset::load(&config.data)?,
+        None => notes.push("no complete checkpoint yet: starting the run from step 0".into()),
+    }
+    Ok(loaded)
+}
+
+/// The run's data: the dataset passed in `opts` (checked against the config), or loaded.
+fn run_data(config: &RunConfig, opts: &RunOptions) -> Result<Dataset> {
+    let Some(d) = &opts.dataset else {
+        return Dataset::load(&config.data);
     };
-    let mut t = Trainer::new(config, &data)?;
+    let expected = match &config.data.dir {
+        Some(dir) => dir.display().to_string(),
+        None => format!("embedded:{}", config.data.corpus),
+    };
+    let tokenizer_ok = config.data.dir.is_some() || d.tokenizer() == config.data.tokenizer.name();
+    if d.source() != expected || !tokenizer_ok {
+        return Err(Error::config(
+            "data",
+            format!(
+                "the dataset passed in RunOptions is {} ({} tokens), the config names \
+                 {expected}",
+                d.source(),
+                d.tokenizer()
+            ),
+        ));
+    }
+    Ok(d.clone())
+}
+
+/// Refuses a budget larger than one pass over the data unless `train.allow_repeat` is set
+/// (then notes it).
+fn check_budget(config: &RunConfig, t: &Trainer, notes: &mut Notes) -> Result<()> {
     let total = config.total_steps();
     let tokens_per_epoch = t.sampler.tokens_per_epoch();
-    if total * config.batch_tokens() > tokens_per_epoch {
-        let msg = format!(
-            "the budget of {total} steps × {} tokens exceeds one pass over the training data \
-             ({tokens_per_epoch} tokens): data will repeat",
-            config.batch_tokens()
-        );
-        if !config.train.allow_repeat {
-            return Err(Error::config(
-                "train.allow_repeat",
-                format!("is false, but {msg}"),
-            ));
-        }
-        note(format!("warning: {msg}"), &mut notes);
+    if total * config.batch_tokens() <= tokens_per_epoch {
+        return Ok(());
     }
+    let msg = format!(
+        "the budget of {total} steps × {} tokens exceeds one pass over the training data \
+         ({tokens_per_epoch} tokens): data will repeat",
+        config.batch_tokens()
+    );
+    if !config.train.allow_repeat {
+        return Err(Error::config(
+            "train.allow_repeat",
+            format!("is false, but {msg}"),
+        ));
+    }
+    notes.push(format!("warning: {msg}"));
+    Ok(())
+}
 
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let mut state;
-    let mut writer;
+/// The loop state and metrics writer: restored from `loaded` (model, optimizer, EWA, sampler,
+/// metrics cut back to the checkpoint), or fresh.
+fn start_loop(
+    t: &mut Trainer,
+    dir: &Path,
+    loaded: Option<checkpoint::Loaded>,
+    notes: &mut Notes,
+) -> Result<(LoopState, metrics::MetricsWriter)> {
+    let metrics_path = dir.join("metrics.jsonl");
     if let Some(l) = loaded {
         t.restore(&l)?;
-        state = l.manifest.state.clone();
+        let state = l.manifest.state.clone();
         t.sampler.seek(state.sampler)?;
-        writer = metrics::MetricsWriter::resume(
+        let writer = metrics::MetricsWriter::resume(
             &metrics_path,
             state.metrics_bytes,
             state.metrics_lines,
         )?;
-        note(
-            format!("resuming {} from step {}", dir.display(), state.step),
-            &mut notes,
-        );
-    } else {
-        state = LoopState {
-            step: 0,
-            tokens: 0,
-            sampler: t.sampler.position(),
-            metrics_bytes: 0,
-            metrics_lines: 0,
-            train_seconds: 0.0,
-            eval_seconds: 0.0,
-            tracker: TargetTracker::new(&config.eval.targets, &config.ewa.taus),
-            last_line: None,
-            last_eval: None,
-            best_eval_loss: None,
-        };
-        writer = metrics::MetricsWriter::create(&metrics_path)?;
+        notes.push(format!(
+            "resuming {} from step {}",
+            dir.display(),
+            state.step
+        ));
+        return Ok((state, writer));
     }
-    write_atomic(&config_path, config.to_toml()?.as_bytes())?;
-    let resumed_from = (state.step > 0).then_some(state.step);
-    let env = EnvInfo::capture(resumed_from);
-    write_json(&dir.join("env.json"), &env)?;
+    let state = LoopState {
+        step: 0,
+        tokens: 0,
+        sampler: t.sampler.position(),
+        metrics_bytes: 0,
+        metrics_lines: 0,
+        train_seconds: 0.0,
+        eval_seconds: 0.0,
+        tracker: TargetTracker::new(&t.cfg.eval.targets, &t.cfg.ewa.taus),
+        last_line: None,
+        last_eval: None,
+        best_eval_loss: None,
+    };
+    Ok((state, metrics::MetricsWriter::create(&metrics_path)?))
+}
 
+/// Runs the steps from `state.step` to the budget: evaluations, metrics lines, progress and
+/// checkpoints. Returns `false` when it stopped early at `opts.stop_after` (checkpointed).
+///
+/// On a GPU the loss and gradient norm stay on the device between log steps: a step then waits
+/// for the device at most once (the optimizer's finiteness check), and a log step reads its
+/// figures inside the timed region, so the training time counts the device's work.
+fn train_loop(
+    t: &mut Trainer,
+    config: &RunConfig,
+    opts: &RunOptions,
+    state: &mut LoopState,
+    writer: &mut metrics::MetricsWriter,
+) -> Result<bool> {
+    let dir = &opts.out;
+    let total = config.total_steps();
     let bar = progress_bar(opts.progress, total, state.step);
     if state.step == 0 && config.eval.at_start && state.last_eval.is_none() {
         let mut line = MetricsLine {
@@ -301,31 +386,36 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
         let t0 = Instant::now();
         t.evaluate(&mut line, false)?;
         state.eval_seconds += t0.elapsed().as_secs_f64();
-        record(&mut state, &mut writer, line)?;
+        record(state, writer, line)?;
     }
 
     while state.step < total {
         let step = state.step + 1;
+        let evaluate = step == total
+            || (config.eval.interval > 0 && step.is_multiple_of(config.eval.interval))
+            || config.eval.at.contains(&step);
+        let log = evaluate || step.is_multiple_of(config.train.log_interval);
         let t0 = Instant::now();
         let out = t.train_step(step)?;
+        let (loss, grad_norm) = if log || t.device.is_cpu() {
+            (Some(out.loss.value()?), Some(out.grad_norm.value()?))
+        } else {
+            (None, None)
+        };
         state.train_seconds += t0.elapsed().as_secs_f64();
         state.step = step;
         state.tokens += out.tokens;
         state.sampler = t.sampler.position();
 
-        let evaluate = step == total
-            || (config.eval.interval > 0 && step.is_multiple_of(config.eval.interval))
-            || config.eval.at.contains(&step);
-        let log = evaluate || step.is_multiple_of(config.train.log_interval);
         if log {
             let mut line = MetricsLine {
                 step,
                 tokens: state.tokens,
-                train_loss: Some(out.loss),
+                train_loss: loss,
                 eval_loss: None,
                 eval_loss_ewa: BTreeMap::new(),
                 lr: Some(out.lr),
-                grad_norm: Some(out.grad_norm),
+                grad_norm,
                 elapsed: state.train_seconds,
             };
             if evaluate {
@@ -336,12 +426,14 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
                     b.println(format!("step {step}: eval loss {l:.4}"));
                 }
             }
-            record(&mut state, &mut writer, line)?;
+            record(state, writer, line)?;
         }
         if let Some(b) = &bar {
             b.set_position(step);
-            let tps = state.tokens as f64 / state.train_seconds.max(1e-9);
-            b.set_message(format!("loss {:.4} | {:.0} tok/s", out.loss, tps));
+            if let Some(loss) = loss {
+                let tps = state.tokens as f64 / state.train_seconds.max(1e-9);
+                b.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
+            }
         }
         let stop_here = opts.stop_after == Some(step);
         let interval = config.checkpoint.interval;
@@ -349,32 +441,19 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
             writer.sync()?;
             state.metrics_bytes = writer.bytes();
             state.metrics_lines = writer.lines();
-            t.save(dir, &state)?;
+            t.save(dir, state)?;
         }
         if stop_here && step < total {
             if let Some(b) = &bar {
                 b.abandon();
             }
-            return Ok(RunReport {
-                dir: dir.clone(),
-                steps: step,
-                summary: None,
-                notes,
-            });
+            return Ok(false);
         }
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-
-    let summary = t.summary(&state, &data);
-    write_json(&dir.join("summary.json"), &summary)?;
-    Ok(RunReport {
-        dir: dir.clone(),
-        steps: state.step,
-        summary: Some(summary),
-        notes,
-    })
+    Ok(true)
 }
 
 /// Appends a metrics line and folds it into the loop state.
@@ -442,10 +521,26 @@ fn progress_bar(enabled: bool, total: u64, at: u64) -> Option<indicatif::Progres
 
 /// What one training step reports.
 struct StepOut {
-    loss: f64,
+    loss: Reading,
     lr: f64,
-    grad_norm: f64,
+    grad_norm: Reading,
     tokens: u64,
+}
+
+/// A figure of a step: on the host already, or a 0-d f64 tensor still on the device (read only
+/// when logged, so that the device is not waited for on every step).
+enum Reading {
+    Host(f64),
+    Device(Tensor),
+}
+
+impl Reading {
+    fn value(&self) -> Result<f64> {
+        match self {
+            Reading::Host(x) => Ok(*x),
+            Reading::Device(t) => scalar(t),
+        }
+    }
 }
 
 /// Where a gradient's labels come from.
@@ -464,7 +559,8 @@ struct Trainer {
     ewa: Option<Ewa>,
     vars: Vec<(String, Var)>,
     sampler: Sampler,
-    eval_set: Vec<Batch>,
+    /// The evaluation batches, as (inputs, targets, tokens) already on the device.
+    eval_set: Vec<(Tensor, Tensor, usize)>,
     device: Device,
     /// Parameters whose group runs Sophia (they take the sampled-label gradient).
     hessian: Option<HashSet<TensorId>>,
@@ -551,6 +647,14 @@ fn sample_labels(logits: &Tensor, rng: &mut ChaCha12Rng) -> Result<Tensor> {
     )?)
 }
 
+/// The error of a run whose training loss stopped being finite.
+fn diverged(loss: f64, step: u64) -> Error {
+    Error::Numerical(format!(
+        "training loss is {loss} at step {step}: the run diverged (lower the learning rate or \
+         clip gradients)"
+    ))
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
@@ -600,7 +704,7 @@ const RNG_NOTE: &str = "data order: ChaCha12(seed) per pass, restored from the s
 
 impl Trainer {
     fn new(cfg: &RunConfig, data: &Dataset) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = cfg.device.open()?;
         let context = cfg.model.context();
         data.check_model(cfg.model.vocab_size(), context)?;
         let model = cfg.model.build(cfg.dtype.dtype(), &device)?;
@@ -612,7 +716,11 @@ impl Trainer {
             Some(Ewa::new(vars.clone(), &cfg.ewa.taus)?)
         };
         let sampler = data.sampler(context, cfg.train.batch_size, cfg.seed)?;
-        let eval_set = data.eval_batches(context, cfg.eval_batch_size(), cfg.eval.tokens)?;
+        let eval_set = data
+            .eval_batches(context, cfg.eval_batch_size(), cfg.eval.tokens)?
+            .iter()
+            .map(|b| b.to_tensors(&device).map(|(x, y)| (x, y, b.tokens())))
+            .collect::<Result<Vec<_>>>()?;
         let hessian = members_where(&opt, &vars, |c| matches!(c, OptimConfig::Sophia(_)));
         let lookahead = members_where(
             &opt,
@@ -641,8 +749,9 @@ impl Trainer {
         })
     }
 
-    /// The mean loss and summed gradient of `batch` over its micro-batches.
-    fn grads(&self, batch: &Batch, mut labels: Labels<'_>) -> Result<(f64, GradStore)> {
+    /// The mean loss and summed gradient of `batch` over its micro-batches. On the CPU the loss
+    /// is read at once; on a GPU it stays on the device.
+    fn grads(&self, batch: &Batch, mut labels: Labels<'_>) -> Result<(Reading, GradStore)> {
         let micro = self.cfg.micro_batch();
         let split;
         let parts: &[Batch] = if micro < batch.rows {
@@ -653,6 +762,8 @@ impl Trainer {
         };
         let mut acc = GradStore::default();
         let mut loss = 0.0;
+        let mut loss_on_device: Option<Tensor> = None;
+        let on_cpu = self.device.is_cpu();
         for part in parts {
             let (x, y) = part.to_tensors(&self.device)?;
             let logits = self.model.forward(&x)?;
@@ -664,10 +775,22 @@ impl Trainer {
             // of the gradients is the gradient of the whole batch's mean loss.
             let objective = if parts.len() > 1 {
                 let w = part.rows as f64 / batch.rows as f64;
-                loss += w * scalar(&l.ce)?;
+                if on_cpu {
+                    loss += w * scalar(&l.ce)?;
+                } else {
+                    let part_loss = l.ce.to_dtype(DType::F64)?.affine(w, 0.0)?;
+                    loss_on_device = Some(match loss_on_device {
+                        Some(sum) => (sum + part_loss)?,
+                        None => part_loss,
+                    });
+                }
                 l.total.affine(w, 0.0)?
             } else {
-                loss = scalar(&l.ce)?;
+                if on_cpu {
+                    loss = scalar(&l.ce)?;
+                } else {
+                    loss_on_device = Some(l.ce.to_dtype(DType::F64)?);
+                }
                 l.total
             };
             let g = objective.backward()?;
@@ -681,15 +804,26 @@ impl Trainer {
                 }
             }
         }
+        let loss = match loss_on_device {
+            Some(t) => Reading::Device(t),
+            None => Reading::Host(loss),
+        };
         Ok((loss, acc))
     }
 
     /// Clips `grads` in place when the config asks for it; returns the norm before clipping.
-    fn clip(&self, grads: &mut GradStore) -> Result<f64> {
-        match self.cfg.train.grad_clip {
-            Some(max) => clip_grad_norm_named(grads, &self.vars, max),
-            None => grad_norm(grads, self.vars.iter().map(|(_, v)| v)),
+    /// On a GPU the norm and the clipping factor are computed on the device
+    /// ([`clip_grad_norm_on_device`]): a non-finite norm then makes the gradients non-finite,
+    /// which the optimizer's check refuses.
+    fn clip(&self, grads: &mut GradStore) -> Result<Reading> {
+        if !self.device.is_cpu() {
+            let norm = clip_grad_norm_on_device(grads, &self.vars, self.cfg.train.grad_clip)?;
+            return Ok(Reading::Device(norm));
         }
+        Ok(Reading::Host(match self.cfg.train.grad_clip {
+            Some(max) => clip_grad_norm_named(grads, &self.vars, max)?,
+            None => grad_norm(grads, self.vars.iter().map(|(_, v)| v))?,
+        }))
     }
 
     fn train_step(&mut self, step: u64) -> Result<StepOut> {
@@ -705,14 +839,19 @@ impl Trainer {
             self.opt.observe(ExtraInput::PreviousGrad, &g)?;
         }
         let (loss, mut grads) = self.grads(&batch, Labels::Data)?;
-        if !loss.is_finite() {
-            return Err(Error::Numerical(format!(
-                "training loss is {loss} at step {step}: the run diverged (lower the learning \
-                 rate or clip gradients)"
-            )));
+        if let Reading::Host(loss) = loss {
+            if !loss.is_finite() {
+                return Err(diverged(loss, step));
+            }
         }
         let norm = self.clip(&mut grads)?;
-        self.opt.step(&grads)?;
+        match self.opt.step(&grads) {
+            // On a GPU the loss was not read: a non-finite gradient is how divergence shows.
+            Err(Error::NonFiniteGradient { .. }) if matches!(loss, Reading::Device(_)) => {
+                return Err(diverged(loss.value()?, step));
+            }
+            other => other?,
+        }
         drop(grads);
         if let Some(ewa) = &mut self.ewa {
             ewa.update()?;
@@ -734,14 +873,26 @@ impl Trainer {
         })
     }
 
-    /// Mean cross-entropy over the evaluation set at the current variables.
-    fn eval_loss(model: &Model, set: &[Batch], device: &Device) -> Result<f64> {
+    /// Mean cross-entropy over the evaluation set at the current variables. On a GPU the
+    /// per-batch losses are summed on the device and read once.
+    fn eval_loss(model: &Model, set: &[(Tensor, Tensor, usize)], device: &Device) -> Result<f64> {
         let (mut sum, mut n) = (0.0, 0usize);
-        for b in set {
-            let (x, y) = b.to_tensors(device)?;
-            let ce = model.forward_loss(&x, &y)?.ce;
-            sum += scalar(&ce)? * b.tokens() as f64;
-            n += b.tokens();
+        let mut on_device: Option<Tensor> = None;
+        for (x, y, tokens) in set {
+            let ce = model.forward_loss(x, y)?.ce;
+            if device.is_cpu() {
+                sum += scalar(&ce)? * *tokens as f64;
+            } else {
+                let weighted = ce.to_dtype(DType::F64)?.affine(*tokens as f64, 0.0)?;
+                on_device = Some(match on_device {
+                    Some(s) => (s + weighted)?,
+                    None => weighted,
+                });
+            }
+            n += tokens;
+        }
+        if let Some(s) = on_device {
+            sum = scalar(&s)?;
         }
         Ok(sum / n as f64)
     }

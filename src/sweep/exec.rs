@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::runner::{self, RunOptions};
+use crate::runner::{self, DeviceSpec, RunOptions};
 use crate::sweep::lock::{Held, RunLock};
 use crate::sweep::spec::{Coords, Plan, PlannedRun};
 
@@ -95,6 +95,10 @@ pub struct WorkerOptions {
     pub progress: bool,
     /// Print a line per run.
     pub verbose: bool,
+    /// Train every run on this device instead of the one its config names (a sweep places
+    /// runs on GPUs this way; the device is not part of a run's id, and a run interrupted on
+    /// one device resumes on another).
+    pub device: Option<DeviceSpec>,
 }
 
 impl Default for WorkerOptions {
@@ -105,6 +109,7 @@ impl Default for WorkerOptions {
             stale_after: Duration::from_secs(300),
             progress: true,
             verbose: true,
+            device: None,
         }
     }
 }
@@ -124,6 +129,45 @@ pub struct WorkerReport {
     pub held_elsewhere: Vec<String>,
     /// Runs that failed for another reason (left to retry), with the error.
     pub errors: Vec<(String, String)>,
+}
+
+/// The GPUs of `sweep run --devices`: a comma-separated list of CUDA ordinals (`0,1,3`), or
+/// `visible` for every GPU in `CUDA_VISIBLE_DEVICES` (which a scheduler such as Slurm sets to
+/// the GPUs it granted; CUDA numbers them 0, 1, … inside the process). `visible` is read from
+/// `visible_env`, the variable's value.
+pub fn parse_devices(list: &str, visible_env: Option<&str>) -> Result<Vec<DeviceSpec>> {
+    let list = list.trim();
+    if list == "visible" {
+        let visible = visible_env.unwrap_or("").trim();
+        let n = visible.split(',').filter(|d| !d.trim().is_empty()).count();
+        if n == 0 || visible.starts_with("-1") {
+            return Err(Error::config(
+                "--devices",
+                "`visible` needs CUDA_VISIBLE_DEVICES to name at least one GPU (Slurm sets it \
+                 when the job asks for GPUs); give the ordinals instead, e.g. --devices 0,1",
+            ));
+        }
+        return Ok((0..n).map(DeviceSpec::Cuda).collect());
+    }
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let part = part.trim();
+        let ordinal: usize = part.parse().map_err(|_| {
+            Error::config(
+                "--devices",
+                format!("`{part}` is not a GPU ordinal: give e.g. 0,1 or `visible`"),
+            )
+        })?;
+        let device = DeviceSpec::Cuda(ordinal);
+        if out.contains(&device) {
+            return Err(Error::config(
+                "--devices",
+                format!("GPU {ordinal} is listed twice (use --per-device to pack runs)"),
+            ));
+        }
+        out.push(device);
+    }
+    Ok(out)
 }
 
 /// Runs the shard's unfinished runs of `plan`, one after another.
@@ -279,12 +323,16 @@ fn train_one(
     if !data.contains_key(&key) {
         data.insert(key.clone(), Dataset::load(&run.config.data)?);
     }
+    let mut config = run.config.clone();
+    if let Some(device) = opts.device {
+        config.device = device;
+    }
     let mut ro = RunOptions::new(dir);
     ro.resume = resume;
     ro.progress = opts.progress && std::io::stderr().is_terminal();
     ro.log = opts.verbose;
     ro.dataset = data.get(&key).cloned();
-    match runner::run(&run.config, &ro) {
+    match runner::run(&config, &ro) {
         Ok(r) => Ok(r.summary),
         Err(Error::Numerical(msg)) => {
             let failed = FailedRun {
@@ -340,4 +388,32 @@ pub fn progress(plan: &Plan) -> (Progress, Vec<RunState>) {
 /// The runs directory path of a plan, for messages.
 pub fn runs_dir(plan: &Plan) -> PathBuf {
     plan.spec.runs_dir.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_or_name_the_flag() {
+        let cuda = |v: &[usize]| v.iter().map(|&n| DeviceSpec::Cuda(n)).collect::<Vec<_>>();
+        assert_eq!(parse_devices("0", None).unwrap(), cuda(&[0]));
+        assert_eq!(parse_devices("0, 2,1", None).unwrap(), cuda(&[0, 2, 1]));
+        assert_eq!(
+            parse_devices("visible", Some("4,5,7")).unwrap(),
+            cuda(&[0, 1, 2])
+        );
+        for (bad, env) in [
+            ("", None),
+            ("a", None),
+            ("0,0", None),
+            ("-1", None),
+            ("visible", None),
+            ("visible", Some("")),
+            ("visible", Some("-1")),
+        ] {
+            let e = parse_devices(bad, env).unwrap_err().to_string();
+            assert!(e.contains("--devices"), "{bad}: {e}");
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! The Slurm job-array script of a sweep: task `i` of `n` runs `sweep run CONFIG --shard i/n`.
+//! The Slurm job-array script of a sweep: task `i` of `n` runs `sweep run CONFIG --shard i/n`
+//! (with `--devices visible` when the tasks ask for GPUs, so that they train on the GPUs Slurm
+//! grants them).
 //!
 //! Tasks can die, be preempted or be resubmitted at will: a task skips finished runs, resumes
 //! interrupted ones from their checkpoints, and the run locks keep two tasks (or a task and a
@@ -127,6 +129,11 @@ pub fn script(plan: &Plan, slurm: &SlurmSpec, opts: &ScriptOptions) -> Result<St
     for a in &opts.run_args {
         cmd.push(' ');
         cmd += &quote(a);
+    }
+    if slurm.gpus.is_some() {
+        // Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs: one worker trains on each.
+        s += "# Each granted GPU (CUDA_VISIBLE_DEVICES) trains one run at a time.\n";
+        cmd += " --devices visible";
     }
     let _ = writeln!(s, "{cmd}");
     Ok(s)

@@ -71,7 +71,7 @@
 //!
 //! **Ids.** A run's id is a 64-bit FNV-1a hash of its resolved config (the canonical TOML of
 //! [`RunConfig::to_toml`]) with the fields that do not change its results reset (`threads`,
-//! `checkpoint.interval`). It depends on nothing else: not on the order of axes or values in the
+//! `checkpoint.interval`, `device`). It depends on nothing else: not on the order of axes or values in the
 //! file, the position in the plan, the time, the machine or the paths. A later optlab version
 //! that adds a config field changes the canonical text, and with it the ids.
 //!
@@ -1181,12 +1181,13 @@ pub fn lookup(points: &[(f64, f64)], x: f64, how: Interpolate) -> f64 {
     }
 }
 
-/// The id of a resolved run config: FNV-1a 64 of its canonical TOML, `threads` and
-/// `checkpoint.interval` reset, as 16 hex digits.
+/// The id of a resolved run config: FNV-1a 64 of its canonical TOML, `threads`,
+/// `checkpoint.interval` and `device` reset, as 16 hex digits.
 pub fn run_id(config: &RunConfig) -> Result<String> {
     let mut c = config.clone();
     c.threads = 0;
     c.checkpoint.interval = 0;
+    c.device = crate::runner::DeviceSpec::Cpu;
     let text = c.to_toml()?;
     Ok(format!("{:016x}", fnv1a64(text.as_bytes())))
 }
@@ -1807,6 +1808,7 @@ config = { name = "soap" }
         let mut c = p.runs[0].config.clone();
         c.threads = 7;
         c.checkpoint.interval = 3;
+        c.device = crate::runner::DeviceSpec::Cuda(1);
         assert_eq!(run_id(&c).unwrap(), p.runs[0].id);
         c.train.grad_clip = Some(1.0);
         assert_ne!(run_id(&c).unwrap(), p.runs[0].id);
