@@ -76,7 +76,7 @@ fn main() {
 
 /// Compiles `kernels/fused.cu` as host C++ (`kernels/emulate/host.cpp`) into a static library
 /// and sets `cfg(optlab_emulate_kernels)`, for checking the kernels without a GPU
-/// (src/kernels/emulate.rs). Needs a C++17 compiler (`$CXX`, else `c++`) and `ar`.
+/// (src/launch/emulate.rs). Needs a C++17 compiler (`$CXX`, else `c++`) and `ar`.
 fn emulator() {
     println!("cargo:rerun-if-env-changed=CXX");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));

@@ -3,6 +3,19 @@
 //! Optimizer research on language models, on candle: SOAP, Shampoo, AdEMAMix,
 //! Simplified-AdEMAMix, Adalayer and the baselines their papers compare against, each exact
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
+//!
+//! The machinery under the optimizers, each layer using only those above it in this list:
+//!
+//! 1. [`float`]: the element types (f32, f64) and mutable slices of CPU tensors;
+//! 2. [`launch`]: how a kernel of `kernels/*.cu` is called (argument block, grid sizes), and
+//!    `launch::emulate`, which runs the kernels' code on the host (tests without a GPU);
+//! 3. [`cuda`] (feature `cuda`): device pointers, kernel launches, cuBLAS and cuSOLVER;
+//! 4. [`fused`]: the fused passes (a CPU loop, or its kernel on a GPU) every optimizer and the
+//!    device linear algebra are written in;
+//! 5. [`linalg`]: eigendecompositions, QR and inverse roots, on the host (faer) and on the
+//!    device (`linalg::on_device`);
+//! 6. [`optim`]: the trait, the driver and the optimizers; then [`models`], [`data`],
+//!    [`runner`], [`sweep`] and [`analysis`] for experiments.
 
 pub mod analysis;
 pub mod conformance;
@@ -10,8 +23,10 @@ pub mod conformance;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod float;
+pub mod fused;
 pub mod io;
-pub mod kernels;
+pub mod launch;
 pub mod linalg;
 pub mod models;
 pub mod optim;

@@ -36,7 +36,7 @@ use faer::linalg::qr::no_pivoting::factor::{
 use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
 
 use crate::error::{Error, Result};
-use crate::optim::fused::Float;
+use crate::float::Float;
 
 /// Matrices with at least this many rows use faer's rayon parallelism; smaller ones run
 /// sequentially (measured: threads only pay off from about `d = 512`).

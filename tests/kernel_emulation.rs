@@ -17,7 +17,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use optlab::kernels::emulate::{launch_count, with_emulation};
+use optlab::launch::emulate::{launch_count, with_emulation};
 use optlab::optim::{Driver, Mode, NamedParams, OptimConfig, Optimizer};
 
 fn params(dtype: DType) -> Vec<(String, Var)> {
@@ -195,9 +195,9 @@ fn nonfinite_gradients_are_caught_by_the_kernel() {
 
 #[test]
 fn emulation_is_active_only_inside() {
-    assert!(!optlab::kernels::emulate::active());
-    with_emulation(|| assert!(optlab::kernels::emulate::active()));
-    assert!(!optlab::kernels::emulate::active());
+    assert!(!optlab::launch::emulate::active());
+    with_emulation(|| assert!(optlab::launch::emulate::active()));
+    assert!(!optlab::launch::emulate::active());
 }
 
 #[test]
@@ -280,7 +280,7 @@ fn the_refresh_is_level_3_work() {
     let blas3 = by_kind(WorkKind::Blas3);
     println!(
         "total {total:.3e} FLOPs, {:.3}% in level-3 library calls; {} launches; custom kernels \
-         launched (emulated): {kernel_launches}",
+         launches emulated meanwhile (all test threads): {kernel_launches}",
         100.0 * blas3 / total,
         log.iter().map(|w| w.launches).sum::<usize>()
     );
@@ -297,7 +297,7 @@ fn the_refresh_is_level_3_work() {
     // The only custom kernel of the refresh, column_dots, ran (Rayleigh quotients and column
     // norms), each launch over several blocks: one thread per column.
     assert!(kernel_launches >= 2, "{kernel_launches}");
-    assert!(optlab::kernels::elementwise_blocks(n) > 1);
+    assert!(optlab::launch::elementwise_blocks(n) > 1);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 // Host emulation of kernels/fused.cu: compiles the same kernel source as ordinary C++ and runs
 // a launch as the GPU would (every block, every thread), so the kernels' arithmetic, indexing
 // and the Rust side's arguments can be checked on a machine without a GPU
-// (src/kernels/emulate.rs, tests/kernel_emulation.rs). Built by build.rs only when
+// (src/launch/emulate.rs, tests/kernel_emulation.rs). Built by build.rs only when
 // OPTLAB_EMULATE_KERNELS=1.
 //
 // Launches are serialized (one mutex) and blocks run one after another, so a function-static

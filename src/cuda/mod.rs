@@ -2,9 +2,9 @@
 //!
 //! The kernels are in `kernels/fused.cu`, compiled to PTX by `build.rs` and loaded once per
 //! device as the module `optlab_fused`. Each is the GPU twin of a plain-Rust loop in
-//! `src/optim/` (a [`zip_mut`](crate::optim::fused::zip_mut) body): the optimizer's code
+//! `src/optim/` (a [`zip_mut`](crate::fused::zip_mut) body): the optimizer's code
 //! computes the same per-step scalars in f64 for both, and
-//! [`zip_mut_or_kernel`](crate::optim::fused::zip_mut_or_kernel) picks the loop or the kernel by
+//! [`zip_mut_or_kernel`](crate::fused::zip_mut_or_kernel) picks the loop or the kernel by
 //! the parameter's device. `tests/cuda_twins.rs` compares every kernel with its twin.
 //!
 //! Memory safety rests on one function, [`with_device_ptrs`]: it takes candle's write lock on
@@ -22,8 +22,8 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
-use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
-use crate::optim::fused::Float;
+use crate::float::Float;
+use crate::launch::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
 
 /// PTX of `kernels/fused.cu`.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -121,7 +121,7 @@ pub fn launch_raw<T: Float>(
     Ok(out)
 }
 
-/// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::optim::fused::zip_mut)
+/// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::fused::zip_mut)
 /// body of Adafactor or MARS with AMSGrad) on host copies of CUDA operands,
 /// then writes the outputs back: every optimizer works on the GPU, the passes without kernels at
 /// the cost of two transfers each. The arithmetic is the CPU path's, so results equal the CPU's.
@@ -137,7 +137,7 @@ pub fn on_host<T: Float>(
     };
     let h_outs: Vec<Tensor> = outs.iter().map(host).collect::<Result<_>>()?;
     let h_ins: Vec<Tensor> = ins.iter().map(host).collect::<Result<_>>()?;
-    crate::optim::fused::zip_mut::<T>(
+    crate::float::host_slices::<T>(
         &h_outs.iter().collect::<Vec<_>>(),
         &h_ins.iter().collect::<Vec<_>>(),
         body,
@@ -547,7 +547,7 @@ mod tests {
     /// Every kernel the Rust side launches is in the PTX for both dtypes.
     #[test]
     fn every_launched_kernel_is_in_the_ptx() {
-        for name in crate::kernels::KERNEL_NAMES {
+        for name in crate::launch::KERNEL_NAMES {
             for suffix in ["f32", "f64"] {
                 let entry = format!(".entry {name}_{suffix}(");
                 assert!(FUSED_PTX.contains(&entry), "missing {entry}");

@@ -23,8 +23,35 @@ use cudarc::driver::{DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 use super::with_device_ptrs;
 use crate::error::{Error, Result};
-use crate::linalg::{LinalgError, Order};
-use crate::optim::fused::Float;
+use crate::float::Float;
+
+/// A cuSOLVER routine that reported a failure through its `info` output: for `syevd`, a
+/// positive `info` means the iteration did not converge; for `geqrf`/`orgqr`, a negative one
+/// names an invalid argument. [`crate::linalg::on_device`] turns these into its
+/// [`LinalgError`](crate::linalg::LinalgError)s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SolverFailure {
+    /// The routine.
+    pub routine: &'static str,
+    /// Its `info` values (one per routine call).
+    pub info: Vec<i32>,
+}
+
+impl std::fmt::Display for SolverFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuSOLVER {} info {:?}", self.routine, self.info)
+    }
+}
+
+/// The side of a square matrix, or an error naming `what`.
+fn square(a: &Tensor, what: &str) -> Result<usize> {
+    match a.dims() {
+        [n, m] if n == m => Ok(*n),
+        dims => Err(Error::Msg(format!(
+            "{what}: {dims:?} is not a square matrix"
+        ))),
+    }
+}
 
 /// The dtype-specific cuSOLVER entry points.
 trait Lapack: Float + DeviceRepr + ValidAsZeroBits {
@@ -287,7 +314,7 @@ fn with_handle<R>(dev: &CudaDevice, f: impl FnOnce(cusolverDnHandle_t) -> Result
 /// Row-major `C` is column-major `Cᵀ = C`; asking cuSOLVER for the column-major lower factor
 /// `C = L·Lᵀ` writes `L` where the row-major view reads `Lᵀ = R`.
 pub fn potrf_upper(c: &Tensor) -> Result<std::result::Result<(), usize>> {
-    let n = crate::linalg::square_side(c, "potrf")?;
+    let n = square(c, "potrf")?;
     if !c.is_contiguous() {
         return Err(Error::Msg("potrf: the matrix must be contiguous".into()));
     }
@@ -410,9 +437,9 @@ pub fn trsm_right_upper(a: &Tensor, r: &Tensor) -> Result<()> {
 }
 
 /// The orthonormal factor `Q` (`m×n`, `m ≥ n`) of the Householder QR of a row-major matrix on
-/// a CUDA device, in its dtype; `Err(LinalgError)` when cuSOLVER reports a failure or the result
-/// is not finite.
-pub fn householder_q(a: &Tensor) -> Result<std::result::Result<Tensor, LinalgError>> {
+/// a CUDA device, in its dtype; `Err(SolverFailure)` when cuSOLVER reports a failure. The
+/// caller checks that the result is finite.
+pub fn householder_q(a: &Tensor) -> Result<std::result::Result<Tensor, SolverFailure>> {
     let (m, n) = a.dims2()?;
     if m < n {
         return Err(Error::Msg(format!(
@@ -426,7 +453,7 @@ fn householder_q_typed<T: Lapack>(
     a: &Tensor,
     m: usize,
     n: usize,
-) -> Result<std::result::Result<Tensor, LinalgError>> {
+) -> Result<std::result::Result<Tensor, SolverFailure>> {
     if n == 0 {
         return Ok(Ok(a.clone()));
     }
@@ -474,35 +501,30 @@ fn householder_q_typed<T: Lapack>(
         })
     })?;
     if infos != [0, 0] {
-        return Ok(Err(LinalgError::Solver(format!(
-            "geqrf/orgqr info {infos:?}"
-        ))));
+        return Ok(Err(SolverFailure {
+            routine: "geqrf/orgqr",
+            info: infos.to_vec(),
+        }));
     }
-    let q = work.t()?.contiguous()?;
-    if !crate::optim::fused::all_finite(&q)? {
-        return Ok(Err(LinalgError::NonFiniteOutput));
-    }
-    Ok(Ok(q))
+    Ok(Ok(work.t()?.contiguous()?))
 }
 
-/// Eigenvalues and eigenvectors (columns) of the symmetric `a + shift·I` on a CUDA device
-/// (`syevd`), in `order`, in `a`'s dtype; `Err(LinalgError)` when cuSOLVER does not converge or
-/// the result is not finite.
+/// Eigenvalues (ascending) and eigenvectors (columns, in the same order) of the symmetric
+/// `a + shift·I` on a CUDA device (`syevd`), in `a`'s dtype; `Err(SolverFailure)` when cuSOLVER
+/// does not converge (positive `info`). The caller checks that the result is finite.
 pub fn eigh(
     a: &Tensor,
     shift: f64,
-    order: Order,
-) -> Result<std::result::Result<(Tensor, Tensor), LinalgError>> {
-    let n = crate::linalg::square_side(a, "eigh")?;
-    crate::with_float!(a.dtype(), "eigh", T => eigh_typed::<T>(a, n, shift, order))
+) -> Result<std::result::Result<(Tensor, Tensor), SolverFailure>> {
+    let n = square(a, "eigh")?;
+    crate::with_float!(a.dtype(), "eigh", T => eigh_typed::<T>(a, n, shift))
 }
 
 fn eigh_typed<T: Lapack>(
     a: &Tensor,
     n: usize,
     shift: f64,
-    order: Order,
-) -> Result<std::result::Result<(Tensor, Tensor), LinalgError>> {
+) -> Result<std::result::Result<(Tensor, Tensor), SolverFailure>> {
     if n == 0 {
         return Ok(Ok((Tensor::zeros(0, T::DTYPE, a.device())?, a.clone())));
     }
@@ -561,24 +583,11 @@ fn eigh_typed<T: Lapack>(
         })
     })?;
     if status != 0 {
-        return Ok(Err(if status > 0 {
-            LinalgError::NoConvergence
-        } else {
-            LinalgError::Solver(format!("syevd info {status}"))
+        return Ok(Err(SolverFailure {
+            routine: "syevd",
+            info: vec![status],
         }));
     }
-    // Column-major eigenvectors: the row-major buffer holds Vᵀ. Ascending order from syevd.
-    let mut vectors = work.t()?.contiguous()?;
-    let mut values = values;
-    if order == Order::Descending {
-        let rev: Vec<u32> = (0..n as u32).rev().collect();
-        let rev = Tensor::from_vec(rev, n, a.device())?;
-        vectors = vectors.index_select(&rev, 1)?.contiguous()?;
-        values = values.index_select(&rev, 0)?;
-    }
-    let finite = crate::optim::fused::all_finite_each(&[&values, &vectors])?;
-    if finite.contains(&false) {
-        return Ok(Err(LinalgError::NonFiniteOutput));
-    }
-    Ok(Ok((values, vectors)))
+    // Column-major eigenvectors: the row-major buffer holds Vᵀ.
+    Ok(Ok((values, work.t()?.contiguous()?)))
 }

@@ -32,15 +32,16 @@
 //!
 //! Every step has a host form: CPU tensors run plain-Rust twins (`column_dots`, the Cholesky
 //! loop, forward substitution) and faer, CUDA tensors the kernel and the libraries, and inside
-//! [`crate::kernels`]' host emulation CPU tensors run `column_dots`' kernel code compiled for
+//! [`crate::launch`]' host emulation CPU tensors run `column_dots`' kernel code compiled for
 //! the host.
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::{elementwise_blocks, RawLaunch};
+use crate::float::Float;
+use crate::fused::zip_mut;
+use crate::launch::{elementwise_blocks, RawLaunch};
 use crate::linalg::{LinalgError, Robust};
-use crate::optim::fused::{zip_mut, Float};
 
 /// Pivot bounds of the last Cholesky pass: its input has nearly unit, nearly orthogonal
 /// columns, so every pivot (a squared column norm after removing the earlier columns) is close
@@ -51,7 +52,7 @@ pub const LAST_PASS_PIVOTS: (f64, f64) = (0.25, 4.0);
 /// Whether `t`'s kernels run on the device (or in host emulation) rather than as twins.
 fn kernels_for(t: &Tensor) -> bool {
     #[cfg(optlab_emulate_kernels)]
-    if crate::kernels::emulate::active() {
+    if crate::launch::emulate::active() {
         return true;
     }
     t.device().is_cuda()
@@ -73,7 +74,7 @@ fn run<T: Float>(
     }
     #[cfg(optlab_emulate_kernels)]
     if on_device {
-        return crate::kernels::emulate::launch_raw(&l, outs, ins);
+        return crate::launch::emulate::launch_raw(&l, outs, ins);
     }
     let _ = on_device;
     let mut scratch = vec![0.0f64; l.scratch_len];
@@ -440,7 +441,11 @@ fn householder_q(a: &Tensor) -> Result<std::result::Result<Tensor, LinalgError>>
     );
     #[cfg(feature = "cuda")]
     if a.device().is_cuda() {
-        return crate::cuda::solver::householder_q(a);
+        return Ok(match crate::cuda::solver::householder_q(a)? {
+            Ok(q) if crate::fused::all_finite(&q)? => Ok(q),
+            Ok(_) => Err(LinalgError::NonFiniteOutput),
+            Err(failure) => Err(LinalgError::Solver(failure.to_string())),
+        });
     }
     let device = a.device().clone();
     crate::with_float!(a.dtype(), "householder_q", T => {
@@ -494,7 +499,7 @@ fn refresh_once(
             Err(e) => return Ok(Err(e)),
         },
     };
-    if !crate::optim::fused::all_finite(&q_new)? {
+    if !crate::fused::all_finite(&q_new)? {
         return Ok(Err(LinalgError::NonFiniteOutput));
     }
     Ok(Ok((perm, q_new)))
@@ -514,7 +519,7 @@ pub fn power_iteration_qr(f: &Tensor, q: &Tensor) -> Result<Robust<(Vec<usize>, 
     let dtype = f.dtype();
     let q = q.to_dtype(dtype)?.contiguous()?;
     let f = f.contiguous()?;
-    let finite = crate::optim::fused::all_finite_each(&[&f, &q])?;
+    let finite = crate::fused::all_finite_each(&[&f, &q])?;
     if finite.contains(&false) {
         return Ok(Robust::Failed {
             first: LinalgError::NonFiniteInput,
@@ -531,7 +536,7 @@ pub fn power_iteration_qr(f: &Tensor, q: &Tensor) -> Result<Robust<(Vec<usize>, 
 /// `x` cast to `dtype`, or `NonFiniteOutput` when the cast overflows.
 fn finite_as(x: Tensor, dtype: DType) -> Result<std::result::Result<Tensor, LinalgError>> {
     let x = x.to_dtype(dtype)?;
-    Ok(if crate::optim::fused::all_finite(&x)? {
+    Ok(if crate::fused::all_finite(&x)? {
         Ok(x)
     } else {
         Err(LinalgError::NonFiniteOutput)
@@ -565,6 +570,36 @@ fn with_device_retry<V>(
     })
 }
 
+/// cuSOLVER's `syevd` of `a + shift·I` in `order`, with its failures as [`LinalgError`]s (no
+/// convergence, a non-finite result).
+#[cfg(feature = "cuda")]
+fn device_eigh(
+    a: &Tensor,
+    shift: f64,
+    order: crate::linalg::Order,
+) -> Result<std::result::Result<(Tensor, Tensor), LinalgError>> {
+    let (mut values, mut vectors) = match crate::cuda::solver::eigh(a, shift)? {
+        Ok(x) => x,
+        Err(f) if f.info.first().is_some_and(|&i| i > 0) => {
+            return Ok(Err(LinalgError::NoConvergence))
+        }
+        Err(f) => return Ok(Err(LinalgError::Solver(f.to_string()))),
+    };
+    // syevd sorts ascending.
+    if order == crate::linalg::Order::Descending {
+        let n = values.elem_count();
+        let rev: Vec<u32> = (0..n as u32).rev().collect();
+        let rev = Tensor::from_vec(rev, n, a.device())?;
+        vectors = vectors.index_select(&rev, 1)?.contiguous()?;
+        values = values.index_select(&rev, 0)?;
+    }
+    let finite = crate::fused::all_finite_each(&[&values, &vectors])?;
+    if finite.contains(&false) {
+        return Ok(Err(LinalgError::NonFiniteOutput));
+    }
+    Ok(Ok((values, vectors)))
+}
+
 /// Symmetric eigendecomposition of `a + shift·I` on its CUDA device (cuSOLVER `syevd`), under
 /// the f64-retry policy: the device twin of [`crate::linalg::eigh`].
 #[cfg(feature = "cuda")]
@@ -575,7 +610,7 @@ pub fn eigh(
 ) -> Result<Robust<crate::linalg::Eigh>> {
     crate::linalg::square_side(a, "eigh")?;
     let dtype = a.dtype();
-    if !crate::optim::fused::all_finite(a)? {
+    if !crate::fused::all_finite(a)? {
         return Ok(Robust::Failed {
             first: LinalgError::NonFiniteInput,
             retry: None,
@@ -583,7 +618,7 @@ pub fn eigh(
     }
     let outcome = with_device_retry(
         dtype,
-        |dt| crate::cuda::solver::eigh(&a.to_dtype(dt)?, shift, order),
+        |dt| device_eigh(&a.to_dtype(dt)?, shift, order),
         |(w, v)| {
             Ok(finite_as(v, dtype)?.and_then(|v| match w.to_dtype(dtype) {
                 Ok(w) => Ok((w, v)),
@@ -607,7 +642,7 @@ pub fn inverse_root(
     use crate::linalg::{Order, Stability};
     let n = crate::linalg::square_side(a, "inverse_root")?;
     let dtype = a.dtype();
-    if !crate::optim::fused::all_finite(a)? {
+    if !crate::fused::all_finite(a)? {
         return Ok(Robust::Failed {
             first: LinalgError::NonFiniteInput,
             retry: None,
@@ -624,7 +659,7 @@ pub fn inverse_root(
         if perturb && epsilon != 0.0 {
             m = (m + (Tensor::eye(n, dt, a.device())? * epsilon)?)?;
         }
-        let (w, v) = match crate::cuda::solver::eigh(&m, 0.0, Order::Ascending)? {
+        let (w, v) = match device_eigh(&m, 0.0, Order::Ascending)? {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };

@@ -15,7 +15,6 @@ pub mod clip;
 pub mod config;
 pub mod driver;
 pub mod ewa;
-pub mod fused;
 pub mod groups;
 pub mod kron;
 pub mod lion;
@@ -41,6 +40,8 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
+/// The fused passes the optimizers are written in (crate::fused), under their old path.
+pub use crate::fused;
 pub use clip::{clip_grad_norm, clip_grad_norm_named, grad_norm};
 pub use config::{OptimConfig, RuleConfig};
 pub use driver::{Driver, NonFinitePolicy};

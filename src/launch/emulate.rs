@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
-use crate::optim::fused::{zip_mut, Float};
+use crate::float::{host_slices, Float};
+use crate::launch::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
 
 extern "C" {
     fn optlab_emulate_launch(
@@ -91,7 +91,7 @@ pub fn launch_elementwise<T: Float>(
     let n = outs.first().map(|t| t.elem_count()).unwrap_or(0);
     check_sizes(name, n, outs)?;
     check_sizes(name, n, ins)?;
-    zip_mut::<T>(outs, ins, |o, i| {
+    host_slices::<T>(outs, ins, |o, i| {
         let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
         let i: Vec<u64> = i.iter().map(|s| s.as_ptr() as u64).collect();
         let args = Args::new(&o, &i, n, scalars)?;
@@ -109,7 +109,7 @@ pub fn launch_raw<T: Float>(
 ) -> Result<Vec<f64>> {
     let mut scratch = vec![0.0f64; l.scratch_len.max(1)];
     let scratch_ptr = scratch.as_mut_ptr() as u64;
-    zip_mut::<T>(outs, ins, |o, i| {
+    host_slices::<T>(outs, ins, |o, i| {
         let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
         let i: Vec<u64> = i.iter().map(|s| s.as_ptr() as u64).collect();
         let args = l.args(&o, &i, scratch_ptr)?;
@@ -136,7 +136,7 @@ pub fn adalayer<T: Float>(
     };
     let mut scratch = vec![0.0f64; plan.scratch_len().max(1)];
     let scratch_ptr = scratch.as_mut_ptr() as u64;
-    zip_mut::<T>(&[p, m, v], &[g], |o, i| {
+    host_slices::<T>(&[p, m, v], &[g], |o, i| {
         let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
         let i: Vec<u64> = i.iter().map(|s| s.as_ptr() as u64).collect();
         for (kernel, blocks, args) in plan.launches(&o, &i, scratch_ptr, w2, s)? {
@@ -151,7 +151,7 @@ pub fn adalayer<T: Float>(
 pub fn all_finite<T: Float>(t: &Tensor) -> Result<bool> {
     let n = t.elem_count();
     let mut flag = [0.0f64];
-    zip_mut::<T>(&[], &[t], |_, i| {
+    host_slices::<T>(&[], &[t], |_, i| {
         let mut args = Args::<T>::new(&[], &[i[0].as_ptr() as u64], n, &[])?;
         args.scratch = flag.as_mut_ptr() as u64;
         // SAFETY: reads n elements of the slice, writes flag[0].

@@ -3,7 +3,7 @@
 //! `OPTLAB_EMULATE_KERNELS=1` is set at build time).
 
 use crate::error::{Error, Result};
-use crate::optim::fused::Float;
+use crate::float::Float;
 
 /// Threads per block of every launch (the reduction kernels assume exactly this).
 pub const THREADS: u32 = 256;
