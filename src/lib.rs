@@ -18,5 +18,6 @@ pub mod optim;
 pub mod plots;
 pub mod runner;
 pub mod sweep;
+pub mod training;
 
 pub use error::{Error, Result};
