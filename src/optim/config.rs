@@ -7,6 +7,10 @@
 //! betas = [0.9, 0.95]
 //! weight_decay = 0.1
 //! ```
+//!
+//! A config implements [`RuleConfig`]: its checks and its rule are its own, its lr and
+//! weight-decay accessors come from `hyper_accessors!()`. Registering it is one line in
+//! `optimizers!` below.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 

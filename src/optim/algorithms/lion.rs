@@ -249,4 +249,32 @@ mod tests {
         assert!(err.contains("lion.betas[1]"), "{err}");
         Ok(())
     }
+
+    #[test]
+    fn lion_and_signum_configs_keep_their_names_defaults_and_keys() {
+        let lion = OptimConfig::from_toml("name = \"lion\"\nlr = 0.01").unwrap();
+        let signum = OptimConfig::from_toml("name = \"signum\"\nlr = 0.01").unwrap();
+        assert_eq!(lion.name(), "lion");
+        assert_eq!(signum.name(), "signum");
+        match (&lion, &signum) {
+            (OptimConfig::Lion(l), OptimConfig::Signum(s)) => {
+                assert_eq!(l.betas, (0.9, 0.99));
+                assert_eq!(s.betas, (0.9, 0.9));
+            }
+            other => panic!("wrong variants: {other:?}"),
+        }
+        // The variant is not a key: written configs carry only the reference's fields.
+        assert_eq!(
+            signum.to_json(),
+            r#"{"name":"signum","lr":0.01,"betas":[0.9,0.9],"weight_decay":0.0}"#
+        );
+        for name in ["lion", "signum"] {
+            for key in ["variant", "beta"] {
+                let err = OptimConfig::from_toml(&format!("name = \"{name}\"\n{key} = 1"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(key), "{name}: {err}");
+            }
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //! p ← p − lr · sign(m)               sign(0) = 0, as torch.sign
 //! ```
 //!
-//! The computation is Lion's fused pass ([`SignMomentumStep`]) with β2 = β1, so Signum and Lion
+//! The computation is Lion's fused pass
+//! ([`SignMomentumStep`](crate::optim::math::moments::SignMomentumStep)) with β2 = β1, so Signum and Lion
 //! with equal betas agree bit for bit. Because sign() is scale-invariant the EMA and the
 //! heavy-ball sum `m ← β·m + g` give the same steps; torch-SGD-style dampened momentum (first
 //! buffer undamped) does not. β = 0 is signSGD. No coupled (L2) weight decay, unlike MXNet's
