@@ -4,6 +4,12 @@
 //! Simplified-AdEMAMix, Adalayer and the baselines their papers compare against, each exact
 //! against its reference implementation, behind one object-safe [`optim::Optimizer`] trait.
 //!
+//! Where things live: [`optim`] holds the machinery every optimizer shares (trait, driver,
+//! parameters, groups, state, configs), with the optimizers themselves in
+//! [`optim::algorithms`] and the numerics they share in [`optim::math`]; [`training`] holds
+//! what wraps any optimizer in a training loop (LR schedules, clipping, weight averaging);
+//! [`runner`] and [`sweep`] run trainings and sweeps, [`analysis`] and [`plots`] read them.
+//!
 //! The machinery under the optimizers, each layer using only those above it in this list:
 //!
 //! 1. [`float`]: the element types (f32, f64) and mutable slices of CPU tensors;
@@ -33,5 +39,6 @@ pub mod optim;
 pub mod plots;
 pub mod runner;
 pub mod sweep;
+pub mod training;
 
 pub use error::{Error, Result};

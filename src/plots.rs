@@ -12,7 +12,8 @@
 //! - [`plot_b_star_scaling`]: `B*` against model or data size with its power-law fit.
 //!
 //! Text is drawn with DejaVu Sans compiled into the crate (`assets/fonts`), so plots render the
-//! same on any machine, with no system fonts, fontconfig or freetype. Files are written atomically:
+//! same on any machine, with no system fonts, fontconfig or freetype; on bitmaps each glyph is
+//! placed by the font's metrics (`plots/text.rs`), not by plotters' glyph placement. Files are written atomically:
 //! a crash leaves the previous file or the new one, never a torn one. Non-finite values and, on
 //! log axes, non-positive values are left out of the plot; lines are clipped to the axes.
 
@@ -26,14 +27,19 @@ use plotters::prelude::*;
 use crate::analysis::{CbsFit, PowerLaw};
 use crate::error::{Error, Result};
 
+mod text;
+
 /// The bundled font: DejaVu Sans 2.37 (Bitstream Vera licence, see `assets/fonts`).
 static DEJAVU_SANS: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// The family name the bundled font is registered under (the only one the plots use).
+const FONT_FAMILY: &str = "sans-serif";
 
 /// Registers the bundled font as plotters' `sans-serif`, once per process.
 fn register_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, DEJAVU_SANS).is_ok()
+        plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, DEJAVU_SANS).is_ok()
     });
     if ok {
         Ok(())
@@ -236,7 +242,8 @@ fn save(fig: &impl Figure, path: &Path) -> Result<()> {
             let tmp = temp_path(path)?;
             let rendered = (|| -> DrawResult {
                 {
-                    let root = BitMapBackend::new(&tmp, fig.size()).into_drawing_area();
+                    let bitmap = BitMapBackend::new(&tmp, fig.size());
+                    let root = text::MetricText(bitmap).into_drawing_area();
                     root.fill(&WHITE)?;
                     fig.draw(&root)?;
                     root.present()?;
@@ -465,9 +472,9 @@ fn inside(points: &[(f64, f64)], x: Axis, y: Axis) -> Vec<(f64, f64)> {
         .collect()
 }
 
-const CAPTION: (&str, u32) = ("sans-serif", 26);
-const LABEL: (&str, u32) = ("sans-serif", 18);
-const LEGEND: (&str, u32) = ("sans-serif", 15);
+const CAPTION: (&str, u32) = (FONT_FAMILY, 26);
+const LABEL: (&str, u32) = (FONT_FAMILY, 18);
+const LEGEND: (&str, u32) = (FONT_FAMILY, 15);
 
 /// Draws an empty chart with a message, for plots with no data.
 fn empty<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str) -> DrawResult

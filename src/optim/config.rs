@@ -7,6 +7,10 @@
 //! betas = [0.9, 0.95]
 //! weight_decay = 0.1
 //! ```
+//!
+//! A config implements [`RuleConfig`]: its checks and its rule are its own, its lr and
+//! weight-decay accessors come from `hyper_accessors!()`. Registering it is one line in
+//! `optimizers!` below.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -30,6 +34,40 @@ pub trait RuleConfig: Serialize + DeserializeOwned + Default + Clone + std::fmt:
     /// Builds the per-tensor rule (after validation).
     fn build(&self) -> Result<Box<dyn Rule>>;
 }
+
+/// The [`RuleConfig`] accessors of a config whose fields are `lr: f64` and `weight_decay: f64`
+/// (every config names them so), written once here instead of in every config. Invoke inside
+/// the `impl RuleConfig` block: `hyper_accessors!();`, or `hyper_accessors!(optional lr);` for an
+/// `lr: Option<f64>` that may stay unset (read as 0; setting it makes it explicit).
+macro_rules! hyper_accessors {
+    () => {
+        fn lr(&self) -> f64 {
+            self.lr
+        }
+        fn set_lr(&mut self, lr: f64) {
+            self.lr = lr;
+        }
+        $crate::optim::config::hyper_accessors!(@weight_decay);
+    };
+    (optional lr) => {
+        fn lr(&self) -> f64 {
+            self.lr.unwrap_or(0.0)
+        }
+        fn set_lr(&mut self, lr: f64) {
+            self.lr = Some(lr);
+        }
+        $crate::optim::config::hyper_accessors!(@weight_decay);
+    };
+    (@weight_decay) => {
+        fn weight_decay(&self) -> f64 {
+            self.weight_decay
+        }
+        fn set_weight_decay(&mut self, wd: f64) {
+            self.weight_decay = wd;
+        }
+    };
+}
+pub(crate) use hyper_accessors;
 
 macro_rules! optimizers {
     ($($variant:ident($cfg:ty)),* $(,)?) => {

@@ -1,38 +1,40 @@
 //! Optimizers: one object-safe [`Optimizer`] trait over named candle variables, one
-//! [`Driver`] behind it, and one small file per optimizer implementing the
-//! per-tensor [`Rule`].
+//! [`Driver`] behind it, and one short file per optimizer implementing the per-tensor [`Rule`].
 //!
-//! Training-loop pieces that work with any optimizer: learning-rate [`schedule`]s (factors for
-//! [`Optimizer::set_lr_factor`]), global-norm gradient [`clip`]ping, and exponential weight
-//! averaging ([`ewa`]) with bias-corrected evaluation.
+//! The map:
+//!
+//! * this folder: the machinery every optimizer shares — the trait (here), the [`driver`], named
+//!   [`params`] and their roles, parameter [`groups`], [`state`] and its I/O, the per-tensor
+//!   [`rule`] interface and the typed [`config`]s; the [`fused`] single-pass kernels (with their
+//!   CUDA dispatch) they are written in live one layer down, in [`crate::fused`];
+//! * [`algorithms`]: one file (or, for Shampoo, one folder) per optimizer, each starting with its
+//!   equations, defaults and reference;
+//! * [`math`]: the numerics several optimizers share — Kronecker factors, Newton–Schulz, the
+//!   fused moment passes, hyperparameter warm-ups.
+//!
+//! Training-loop pieces that work with any optimizer (learning-rate schedules, gradient
+//! clipping, weight averaging) live in [`crate::training`]; they are re-exported here, as is
+//! every module that moved, so the old paths (`optim::adamw`, `optim::kron`, `optim::ewa`, …)
+//! keep working.
 
-pub mod adafactor;
-pub mod adafactor_hf;
-pub mod adalayer;
-pub mod adamw;
-pub mod ademamix;
-pub mod clip;
+pub mod algorithms;
 pub mod config;
 pub mod driver;
-pub mod ewa;
 pub mod groups;
-pub mod kron;
-pub mod lion;
-pub mod mars;
-pub mod muon;
-pub mod newton_schulz;
+pub mod math;
 pub mod params;
 pub mod rule;
-pub mod schedule;
-pub mod schedule_free;
-pub mod sgd;
-pub mod shampoo;
-pub mod signum;
-pub mod simplified_ademamix;
-pub mod soap;
-pub mod sophia;
 pub mod state;
-pub mod warmup;
+#[cfg(test)]
+pub(crate) mod testing;
+
+// The paths these modules had before they moved into `algorithms`, `math` and `training`.
+pub use crate::training::{clip, ewa, schedule};
+pub use algorithms::{
+    adafactor, adafactor_hf, adalayer, adamw, ademamix, lion, mars, muon, schedule_free, sgd,
+    shampoo, signum, simplified_ademamix, soap, sophia,
+};
+pub use math::{kron, newton_schulz, warmup};
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -41,7 +41,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{zip_mut, Float};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -240,18 +240,7 @@ impl RuleConfig for AdafactorConfig {
         check::positive("adafactor.d", self.d)?;
         check::non_negative("adafactor.weight_decay", self.weight_decay)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Adafactor(self.clone())))
     }
@@ -443,59 +432,25 @@ impl Rule for Adafactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+    use crate::optim::testing::{self, noise, param};
+    use crate::optim::{Driver, OptimConfig, Optimizer};
     use candle_core::{DType, Device};
     use std::collections::BTreeMap;
 
     /// Deterministic pseudo-random values in [−1, 1).
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
+        noise(seed, n)
     }
 
     fn driver(cfg: AdafactorConfig, shapes: &[(&str, &[usize])], dtype: DType) -> Driver {
-        let vars = shapes.iter().enumerate().map(|(k, (name, shape))| {
-            let n = shape.iter().product();
-            let t = Tensor::from_vec(values(n, k as u64), *shape, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            (name.to_string(), Var::from_tensor(&t).unwrap())
-        });
-        Driver::new(OptimConfig::Adafactor(cfg), NamedParams::new(vars).unwrap()).unwrap()
+        testing::driver(OptimConfig::Adafactor(cfg), shapes, dtype, |k, n| {
+            values(n, k)
+        })
     }
 
     fn step(opt: &mut Driver, shapes: &[(&str, &[usize])], seed: u64, dtype: DType) {
-        let mut grads = BTreeMap::new();
-        for (k, (name, shape)) in shapes.iter().enumerate() {
-            let n = shape.iter().product();
-            let g = Tensor::from_vec(values(n, 100 + seed * 10 + k as u64), *shape, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            grads.insert(name.to_string(), g);
-        }
+        let grads = testing::named(shapes, dtype, |k, n| values(n, 100 + seed * 10 + k));
         opt.step_named(&grads).unwrap();
-    }
-
-    fn param(opt: &Driver, name: &str) -> Vec<f64> {
-        let vars: BTreeMap<String, Var> = opt.vars().into_iter().collect();
-        vars[name]
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     /// A plain restatement of the equations in the module doc, over `[batch, m, n]` (or a

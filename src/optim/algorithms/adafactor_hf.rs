@@ -50,7 +50,7 @@ use crate::optim::adafactor::{
     check_fields, col_factor_shape, factored_sums, mean_slice, row_factor_shape, sum_sq_slice,
     Factoring,
 };
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{zip_mut, Float};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{Rule, StepCtx};
@@ -143,20 +143,9 @@ impl RuleConfig for AdafactorHfConfig {
         }
         check::non_negative("adafactor_hf.weight_decay", self.weight_decay)
     }
-    /// The configured lr, or 0 when it is unset (relative step): the driver's base lr.
-    fn lr(&self) -> f64 {
-        self.lr.unwrap_or(0.0)
-    }
-    /// Sets the external lr (an error at validation if `relative_step` is on).
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = Some(lr);
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    // lr: the configured lr, or 0 when it is unset (relative step): the driver's base lr.
+    // Setting it makes it explicit (an error at validation if `relative_step` is on).
+    hyper_accessors!(optional lr);
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(AdafactorHf(self.clone())))
     }
@@ -369,7 +358,8 @@ impl Rule for AdafactorHf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer, Role};
+    use crate::optim::testing::{self, param};
+    use crate::optim::{Driver, OptimConfig, Optimizer, Role};
     use candle_core::{DType, Device};
     use std::collections::BTreeMap;
 
@@ -386,43 +376,13 @@ mod tests {
     }
 
     fn driver(cfg: AdafactorHfConfig, shapes: &[(&str, &[usize])], dtype: DType) -> Driver {
-        let vars = shapes.iter().enumerate().map(|(k, (name, shape))| {
-            let n = shape.iter().product();
-            let t = Tensor::from_vec(values(n, k as u64 + 1), *shape, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            (name.to_string(), Var::from_tensor(&t).unwrap())
-        });
-        Driver::new(
-            OptimConfig::AdafactorHf(cfg),
-            NamedParams::new(vars).unwrap(),
-        )
-        .unwrap()
+        let cfg = OptimConfig::AdafactorHf(cfg);
+        testing::driver(cfg, shapes, dtype, |k, n| values(n, k + 1))
     }
 
     fn step(opt: &mut Driver, shapes: &[(&str, &[usize])], seed: u64, dtype: DType) {
-        let mut grads = BTreeMap::new();
-        for (k, (name, shape)) in shapes.iter().enumerate() {
-            let n = shape.iter().product();
-            let g = Tensor::from_vec(values(n, 100 + seed * 10 + k as u64), *shape, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            grads.insert(name.to_string(), g);
-        }
+        let grads = testing::named(shapes, dtype, |k, n| values(n, 100 + seed * 10 + k));
         opt.step_named(&grads).unwrap();
-    }
-
-    fn param(opt: &Driver, name: &str) -> Vec<f64> {
-        let vars: BTreeMap<String, Var> = opt.vars().into_iter().collect();
-        vars[name]
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     /// The module doc's equations restated plainly in f64 over `[batch, m, n]` (or flat when

@@ -20,7 +20,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Var};
-//! use optlab::optim::clip::clip_grad_norm;
+//! use optlab::training::clip_grad_norm;
 //!
 //! # fn main() -> optlab::Result<()> {
 //! let w = Var::new(&[3f32, 4.], &Device::Cpu)?;

@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, sum_sq, zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm};
 use crate::optim::params::ParamMeta;
@@ -146,18 +146,7 @@ impl RuleConfig for MarsConfig {
         check::unit_interval("mars.betas_1d[1]", self.betas_1d.1)?;
         check::non_negative("mars.weight_decay_1d", self.weight_decay_1d)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Mars(self.clone())))
     }
@@ -479,63 +468,41 @@ impl Rule for Mars {
 mod tests {
     use std::collections::BTreeMap;
 
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
     use crate::optim::adamw::AdamWConfig;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+    use crate::optim::testing::{self, flat, lcg_from_state};
+    use crate::optim::{Driver, OptimConfig, Optimizer};
 
     fn det(n: usize, seed: u64, scale: f64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) * scale
-            })
+        lcg_from_state(seed, n)
+            .into_iter()
+            .map(|x| x * scale)
             .collect()
     }
 
     const SHAPES: [(&str, &[usize]); 2] = [("b", &[5]), ("w", &[3, 4])];
 
     fn driver(cfg: OptimConfig) -> Result<Driver> {
-        let vars = SHAPES.iter().enumerate().map(|(i, (name, shape))| {
-            let n = shape.iter().product();
-            let t = Tensor::from_vec(det(n, 1 + i as u64, 1.0), *shape, &Device::Cpu).unwrap();
-            (name.to_string(), Var::from_tensor(&t).unwrap())
-        });
-        Driver::new(cfg, NamedParams::new(vars)?)
+        Ok(testing::driver(cfg, &SHAPES, DType::F64, |i, n| {
+            det(n, 1 + i, 1.0)
+        }))
     }
 
     fn grads(seed: u64, scale: f64) -> BTreeMap<String, Tensor> {
-        SHAPES
-            .iter()
-            .enumerate()
-            .map(|(i, (name, shape))| {
-                let n = shape.iter().product();
-                let v = det(n, seed * 10 + i as u64, scale);
-                (
-                    name.to_string(),
-                    Tensor::from_vec(v, *shape, &Device::Cpu).unwrap(),
-                )
-            })
-            .collect()
+        testing::named(&SHAPES, DType::F64, |i, n| det(n, seed * 10 + i, scale))
     }
 
     fn values(opt: &Driver) -> Vec<Vec<f64>> {
         opt.vars()
             .iter()
-            .map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .map(|(_, v)| flat(v.as_tensor()))
             .collect()
     }
 
     fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max)
+        testing::max_diff(&a.concat(), &b.concat())
     }
 
     fn exact(cfg: &MarsConfig) -> OptimConfig {

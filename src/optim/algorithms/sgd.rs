@@ -25,7 +25,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -89,18 +89,7 @@ impl RuleConfig for SgdConfig {
         }
         Ok(())
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Sgd(self.clone())))
     }
@@ -203,21 +192,11 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+    use crate::optim::testing::{driver_w, step_w as step};
+    use crate::optim::{Driver, NamedParams, OptimConfig};
 
     fn driver(cfg: SgdConfig, init: &[f64]) -> Result<Driver> {
-        let var = Var::from_tensor(&Tensor::new(init, &Device::Cpu)?)?;
-        Driver::new(
-            OptimConfig::Sgd(cfg),
-            NamedParams::new(vec![("w".to_string(), var)])?,
-        )
-    }
-
-    fn step(opt: &mut Driver, g: &[f64]) -> Result<Vec<f64>> {
-        let mut grads = BTreeMap::new();
-        grads.insert("w".to_string(), Tensor::new(g, &Device::Cpu)?);
-        opt.step_named(&grads)?;
-        Ok(opt.vars()[0].1.to_vec1::<f64>()?)
+        driver_w(OptimConfig::Sgd(cfg), init)
     }
 
     const GRADS: [[f64; 3]; 4] = [

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm, MUON_NS_EPS};
 use crate::optim::params::{ParamMeta, Role};
@@ -97,18 +97,7 @@ impl RuleConfig for MuonConfig {
         check::positive("muon.adam_eps", self.adam_eps)?;
         check::non_negative("muon.adam_weight_decay", self.adam_weight_decay)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Muon(self.clone())))
     }
@@ -251,57 +240,22 @@ mod tests {
 
     use super::*;
     use crate::optim::adamw::AdamWConfig;
+    use crate::optim::testing::{self, flat, lcg_from_state, max_diff, param as get, Shapes};
     use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
-
-    fn det(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn tensor(shape: &[usize], seed: u64) -> Tensor {
         let n = shape.iter().product();
-        Tensor::from_vec(det(n, seed), shape, &Device::Cpu).unwrap()
+        testing::tensor(lcg_from_state(seed, n), shape, DType::F64)
     }
 
-    fn driver(cfg: OptimConfig, params: &[(&str, &[usize])]) -> Result<Driver> {
-        let vars = params.iter().enumerate().map(|(i, (name, shape))| {
-            (
-                name.to_string(),
-                Var::from_tensor(&tensor(shape, 1 + i as u64)).unwrap(),
-            )
-        });
-        Driver::new(cfg, NamedParams::new(vars)?)
+    fn driver(cfg: OptimConfig, params: Shapes<'_>) -> Result<Driver> {
+        Ok(testing::driver(cfg, params, DType::F64, |i, n| {
+            lcg_from_state(1 + i, n)
+        }))
     }
 
-    fn grads(params: &[(&str, &[usize])], seed: u64) -> BTreeMap<String, Tensor> {
-        params
-            .iter()
-            .enumerate()
-            .map(|(i, (name, shape))| (name.to_string(), tensor(shape, seed * 10 + i as u64)))
-            .collect()
-    }
-
-    fn get(opt: &Driver, name: &str) -> Vec<f64> {
-        let vars: BTreeMap<String, Var> = opt.vars().into_iter().collect();
-        vars[name].flatten_all().unwrap().to_vec1::<f64>().unwrap()
-    }
-
-    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max)
-    }
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    fn grads(params: Shapes<'_>, seed: u64) -> BTreeMap<String, Tensor> {
+        testing::named(params, DType::F64, |i, n| lcg_from_state(seed * 10 + i, n))
     }
 
     #[test]

@@ -90,19 +90,13 @@ pub fn newton_schulz(g: &Tensor, steps: usize, eps: f64, form: NsForm) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::testing::lcg_from_state;
     use candle_core::Device;
 
+    /// Values in [-0.5, 0.5): the shared LCG's [-1, 1) halved (exactly, bit for bit).
     fn sample(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-            })
-            .collect();
+        let v: Vec<f64> = lcg_from_state(seed, n).iter().map(|x| x * 0.5).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

@@ -40,7 +40,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::lion::sign;
 use crate::optim::params::ParamMeta;
@@ -90,18 +90,7 @@ impl RuleConfig for SophiaConfig {
         check::non_negative("sophia.weight_decay", self.weight_decay)?;
         check::at_least_one("sophia.bs", self.bs)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Sophia(self.clone())))
     }
@@ -230,25 +219,17 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
+    use crate::optim::testing::{driver_w, step_w as step};
+    use crate::optim::{Driver, NamedParams, OptimConfig};
 
     fn driver(cfg: SophiaConfig, init: &[f64]) -> Result<Driver> {
-        let var = Var::from_tensor(&Tensor::new(init, &Device::Cpu)?)?;
-        Driver::new(
-            OptimConfig::Sophia(cfg),
-            NamedParams::new(vec![("w".to_string(), var)])?,
-        )
+        driver_w(OptimConfig::Sophia(cfg), init)
     }
 
     fn named(v: &[f64]) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         out.insert("w".to_string(), Tensor::new(v, &Device::Cpu)?);
         Ok(out)
-    }
-
-    fn step(opt: &mut Driver, g: &[f64]) -> Result<Vec<f64>> {
-        opt.step_named(&named(g)?)?;
-        Ok(opt.vars()[0].1.to_vec1::<f64>()?)
     }
 
     const GRADS: [[f64; 4]; 4] = [

@@ -35,7 +35,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -105,18 +105,7 @@ impl RuleConfig for SimplifiedAdEMAMixConfig {
         check::non_negative("simplified_ademamix.alpha", self.alpha)?;
         check::unit_interval("simplified_ademamix.min_beta1", self.min_beta1)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(SimplifiedAdEMAMix(self.clone())))
     }
@@ -243,9 +232,9 @@ mod tests {
     use super::*;
     use crate::optim::adamw::AdamStep;
     use crate::optim::ademamix::AdEMAMixConfig;
-    use crate::optim::{Driver, NamedParams, OptimConfig};
+    use crate::optim::testing::{driver_w, step_w};
+    use crate::optim::OptimConfig;
     use candle_core::{DType, Device};
-    use std::collections::BTreeMap;
 
     const INIT: [f64; 6] = [0.5, -1.0, 2.0, 0.0, 0.25, -0.75];
 
@@ -260,16 +249,12 @@ mod tests {
     }
 
     fn run(cfg: OptimConfig) -> Result<Vec<f64>> {
-        let dev = Device::Cpu;
-        let var = Var::new(&INIT, &dev)?;
-        let params = NamedParams::new([("w".to_string(), var.clone())])?;
-        let mut opt = Driver::new(cfg, params)?;
+        let mut opt = driver_w(cfg, &INIT)?;
+        let mut p = INIT.to_vec();
         for g in grads() {
-            let mut m = BTreeMap::new();
-            m.insert("w".to_string(), Tensor::new(g.as_slice(), &dev)?);
-            opt.step_named(&m)?;
+            p = step_w(&mut opt, &g)?;
         }
-        Ok(var.to_vec1::<f64>()?)
+        Ok(p)
     }
 
     fn assert_close(got: &[f64], want: &[f64], rel: f64) {

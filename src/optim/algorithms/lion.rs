@@ -16,133 +16,122 @@
 //! Reference: google/automl `lion/lion_pytorch.py` @ 6a54c8741e7c3265d4547c4f35f47a0391122dc5
 //! (lucidrains `lion-pytorch` 0.2.5 with `decoupled_weight_decay=False` computes the same).
 //!
-//! [`SignMomentumStep`] is the fused pass; Signum ([`crate::optim::signum`]) is this pass with
-//! tied betas.
+//! The fused pass is [`SignMomentumStep`] (in [`crate::optim::math::moments`]). Signum
+//! ([`crate::optim::signum`]) is this pass with tied betas, so both share one config type,
+//! [`SignMomentumConfig`], and one rule, [`SignMomentum`]; a [`SignVariant`] only sets the name,
+//! the default betas and whether the betas must be equal.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{check, Result};
-use crate::optim::config::RuleConfig;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::error::{check, Error, Result};
+use crate::optim::config::{hyper_accessors, RuleConfig};
+pub use crate::optim::math::moments::{sign, SignMomentumStep};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
-use crate::with_float;
 
-/// Lion hyperparameters (reference names and defaults).
+/// Lion hyperparameters (reference names and defaults: β = (0.9, 0.99)).
+pub type LionConfig = SignMomentumConfig<LionVariant>;
+
+/// The Lion rule.
+pub type Lion = SignMomentum<LionVariant>;
+
+/// What tells the members of the sign-momentum family apart: the name, the default betas and
+/// whether the two betas must be equal.
+pub trait SignVariant:
+    std::fmt::Debug + Clone + PartialEq + Default + Send + Sync + 'static
+{
+    /// Canonical name.
+    const NAME: &'static str;
+    /// Default (β1, β2).
+    const BETAS: (f64, f64);
+    /// β1 = β2 is required, and the one β is `betas[0]`.
+    const TIED: bool;
+}
+
+/// Lion: untied betas, the reference's (0.9, 0.99).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LionVariant;
+
+impl SignVariant for LionVariant {
+    const NAME: &'static str = "lion";
+    const BETAS: (f64, f64) = (0.9, 0.99);
+    const TIED: bool = false;
+}
+
+/// Signum: tied betas, the Deconstructing paper's β₀ = 0.9 for both.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SignumVariant;
+
+impl SignVariant for SignumVariant {
+    const NAME: &'static str = "signum";
+    const BETAS: (f64, f64) = (0.9, 0.9);
+    const TIED: bool = true;
+}
+
+/// Hyperparameters of the sign-momentum family: Lion ([`LionConfig`]) and Signum
+/// ([`SignumConfig`](crate::optim::signum::SignumConfig)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LionConfig {
+pub struct SignMomentumConfig<V: SignVariant> {
     /// Learning rate (the size of every coordinate's step).
     pub lr: f64,
-    /// (β1, β2): β1 interpolates the update direction, β2 is the momentum's decay.
+    /// (β1, β2): β1 interpolates the update direction, β2 is the momentum's decay. Signum gives
+    /// its one β twice, as its reference does; the two must then be equal (untied betas are
+    /// Lion: use `name = "lion"`).
     pub betas: (f64, f64),
     /// Decoupled weight decay λ (the step multiplies p by 1 − lr·λ).
     pub weight_decay: f64,
+    /// Which member of the family (no field of its own in the config file).
+    #[serde(skip)]
+    pub variant: V,
 }
 
-impl Default for LionConfig {
+impl<V: SignVariant> Default for SignMomentumConfig<V> {
     fn default() -> Self {
         Self {
             lr: 1e-4,
-            betas: (0.9, 0.99),
+            betas: V::BETAS,
             weight_decay: 0.0,
+            variant: V::default(),
         }
     }
 }
 
-impl RuleConfig for LionConfig {
-    const NAME: &'static str = "lion";
+impl<V: SignVariant> RuleConfig for SignMomentumConfig<V> {
+    const NAME: &'static str = V::NAME;
 
     fn validate(&self) -> Result<()> {
-        check::non_negative("lion.lr", self.lr)?;
-        check::unit_interval("lion.betas[0]", self.betas.0)?;
-        check::unit_interval("lion.betas[1]", self.betas.1)?;
-        check::non_negative("lion.weight_decay", self.weight_decay)
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
-    fn build(&self) -> Result<Box<dyn Rule>> {
-        Ok(Box::new(Lion(self.clone())))
-    }
-}
-
-/// The Lion rule.
-#[derive(Debug, Clone)]
-pub struct Lion(pub LionConfig);
-
-/// `sign(x)` with `sign(±0) = 0` (torch.sign); `Float::signum` would give ±1 at zero, which
-/// moves coordinates whose momentum is exactly zero.
-#[inline(always)]
-pub fn sign<T: Float>(x: T) -> T {
-    if x > T::zero() {
-        T::one()
-    } else if x < T::zero() {
-        -T::one()
-    } else {
-        // ±0 gives 0; NaN stays NaN (as torch.sign), so a broken state is not hidden.
-        if x.is_nan() {
-            x
-        } else {
-            T::zero()
+        let field = |f: &str| format!("{}.{f}", V::NAME);
+        check::non_negative(&field("lr"), self.lr)?;
+        check::unit_interval(&field("betas[0]"), self.betas.0)?;
+        check::unit_interval(&field("betas[1]"), self.betas.1)?;
+        if V::TIED && self.betas.0 != self.betas.1 {
+            return Err(Error::config(
+                field("betas[1]"),
+                format!(
+                    "must equal betas[0] (Signum ties them), got ({}, {}); untied betas are \
+                     Lion (name = \"lion\")",
+                    self.betas.0, self.betas.1
+                ),
+            ));
         }
+        check::non_negative(&field("weight_decay"), self.weight_decay)
+    }
+    hyper_accessors!();
+    fn build(&self) -> Result<Box<dyn Rule>> {
+        Ok(Box::new(SignMomentum(self.clone())))
     }
 }
 
-/// One fused sign-momentum pass (Lion; Signum when β1 = β2) over a parameter and its momentum.
-pub struct SignMomentumStep {
-    /// Learning rate.
-    pub lr: f64,
-    /// β1: interpolation weight of the momentum in the update direction.
-    pub beta1: f64,
-    /// β2: decay of the stored momentum.
-    pub beta2: f64,
-    /// Decoupled weight decay (multiplied by lr).
-    pub weight_decay: f64,
-}
+/// The sign-momentum rule: Lion, or Signum with [`SignumVariant`].
+#[derive(Debug, Clone)]
+pub struct SignMomentum<V: SignVariant>(pub SignMomentumConfig<V>);
 
-impl SignMomentumStep {
-    /// Applies the step to `param`, updating the momentum `m` in place.
-    pub fn apply(&self, param: &Var, grad: &Tensor, m: &Tensor) -> Result<()> {
-        with_float!(param.dtype(), "lion", T => self.apply_typed::<T>(param, grad, m))
-    }
-
-    fn apply_typed<T: Float>(&self, param: &Var, grad: &Tensor, m: &Tensor) -> Result<()> {
-        let decay = T::of(1.0 - self.lr * self.weight_decay);
-        let lr = T::of(self.lr);
-        let (b1, c1) = (T::of(self.beta1), T::of(1.0 - self.beta1));
-        let (b2, c2) = (T::of(self.beta2), T::of(1.0 - self.beta2));
-        let scalars = [decay, lr, b1, c1, b2, c2];
-        let kernel = Kernel::new("sign_momentum", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
-            let g = i[0];
-            let [p, m] = o else {
-                unreachable!("two outputs")
-            };
-            for k in 0..p.len() {
-                let c = m[k] * b1 + g[k] * c1;
-                p[k] = p[k] * decay - lr * sign(c);
-                m[k] = m[k] * b2 + g[k] * c2;
-            }
-            Ok(())
-        })
-    }
-}
-
-impl Rule for Lion {
+impl<V: SignVariant> Rule for SignMomentum<V> {
     fn name(&self) -> &'static str {
-        LionConfig::NAME
+        V::NAME
     }
 
     fn update(
@@ -154,10 +143,12 @@ impl Rule for Lion {
         state: &mut State,
     ) -> Result<()> {
         let m = state.tensor_or_zeros("exp_avg", param)?;
+        let (beta1, beta2) = self.0.betas;
         SignMomentumStep {
             lr: ctx.lr,
-            beta1: self.0.betas.0,
-            beta2: self.0.betas.1,
+            beta1,
+            // Signum's one β is betas[0] (validation keeps betas[1] equal to it).
+            beta2: if V::TIED { beta1 } else { beta2 },
             weight_decay: ctx.weight_decay,
         }
         .apply(param, grad, m)
@@ -175,19 +166,8 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
-
-    fn driver(cfg: OptimConfig, init: &[f64]) -> Result<Driver> {
-        let var = Var::from_tensor(&Tensor::new(init, &Device::Cpu)?)?;
-        Driver::new(cfg, NamedParams::new(vec![("w".to_string(), var)])?)
-    }
-
-    fn step(opt: &mut Driver, g: &[f64]) -> Result<Vec<f64>> {
-        let mut grads = BTreeMap::new();
-        grads.insert("w".to_string(), Tensor::new(g, &Device::Cpu)?);
-        opt.step_named(&grads)?;
-        Ok(opt.vars()[0].1.to_vec1::<f64>()?)
-    }
+    use crate::optim::testing::{driver_w as driver, step_w as step};
+    use crate::optim::{Driver, NamedParams, OptimConfig};
 
     #[test]
     fn sign_of_zero_is_zero() {
@@ -219,6 +199,7 @@ mod tests {
             lr,
             betas: (b1, b2),
             weight_decay: wd,
+            ..Default::default()
         };
         let init = [0.3, -0.7, 1.1, 0.0];
         let grads = [
@@ -267,5 +248,33 @@ mod tests {
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("lion.betas[1]"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn lion_and_signum_configs_keep_their_names_defaults_and_keys() {
+        let lion = OptimConfig::from_toml("name = \"lion\"\nlr = 0.01").unwrap();
+        let signum = OptimConfig::from_toml("name = \"signum\"\nlr = 0.01").unwrap();
+        assert_eq!(lion.name(), "lion");
+        assert_eq!(signum.name(), "signum");
+        match (&lion, &signum) {
+            (OptimConfig::Lion(l), OptimConfig::Signum(s)) => {
+                assert_eq!(l.betas, (0.9, 0.99));
+                assert_eq!(s.betas, (0.9, 0.9));
+            }
+            other => panic!("wrong variants: {other:?}"),
+        }
+        // The variant is not a key: written configs carry only the reference's fields.
+        assert_eq!(
+            signum.to_json(),
+            r#"{"name":"signum","lr":0.01,"betas":[0.9,0.9],"weight_decay":0.0}"#
+        );
+        for name in ["lion", "signum"] {
+            for key in ["variant", "beta"] {
+                let err = OptimConfig::from_toml(&format!("name = \"{name}\"\n{key} = 1"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(key), "{name}: {err}");
+            }
+        }
     }
 }

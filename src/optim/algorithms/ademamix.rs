@@ -27,7 +27,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -96,18 +96,7 @@ impl RuleConfig for AdEMAMixConfig {
         check::non_negative("ademamix.weight_decay", self.weight_decay)?;
         check::non_negative("ademamix.alpha", self.alpha)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(AdEMAMix(self.clone())))
     }
@@ -222,6 +211,7 @@ impl Rule for AdEMAMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::testing::{driver_w, step_w};
     use crate::optim::{Driver, NamedParams, OptimConfig};
     use candle_core::Device;
     use std::collections::BTreeMap;
@@ -257,16 +247,12 @@ mod tests {
     }
 
     fn run(cfg: AdEMAMixConfig, grads: &[Vec<f64>], init: &[f64]) -> Result<Vec<f64>> {
-        let dev = Device::Cpu;
-        let var = Var::new(init, &dev)?;
-        let params = NamedParams::new([("w".to_string(), var.clone())])?;
-        let mut opt = Driver::new(OptimConfig::Ademamix(cfg), params)?;
+        let mut opt = driver_w(OptimConfig::Ademamix(cfg), init)?;
+        let mut p = init.to_vec();
         for g in grads {
-            let mut m = BTreeMap::new();
-            m.insert("w".to_string(), Tensor::new(g.as_slice(), &dev)?);
-            opt.step_named(&m)?;
+            p = step_w(&mut opt, g)?;
         }
-        Ok(var.to_vec1::<f64>()?)
+        Ok(p)
     }
 
     /// A plain scalar re-derivation of the update, including the β1 = 0 case.

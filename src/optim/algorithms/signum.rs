@@ -9,140 +9,37 @@
 //! p ← p − lr · sign(m)               sign(0) = 0, as torch.sign
 //! ```
 //!
-//! The computation is Lion's fused pass ([`SignMomentumStep`]) with β2 = β1, so Signum and Lion
+//! The computation is Lion's fused pass
+//! ([`SignMomentumStep`](crate::optim::math::moments::SignMomentumStep)) with β2 = β1, so Signum and Lion
 //! with equal betas agree bit for bit. Because sign() is scale-invariant the EMA and the
 //! heavy-ball sum `m ← β·m + g` give the same steps; torch-SGD-style dampened momentum (first
 //! buffer undamped) does not. β = 0 is signSGD. No coupled (L2) weight decay, unlike MXNet's
 //! Signum.
+//!
+//! Signum shares Lion's config type and rule ([`SignMomentumConfig`], [`SignMomentum`]), so the
+//! two cannot drift apart; only the name, the default betas and the tie check differ.
 //!
 //! State: `exp_avg` (m). Defaults: lr 1e-4 and λ = 0 (LionW's), β = 0.9 for both (the paper's
 //! β₀; LionW's own untied default (0.9, 0.99) is Lion, not Signum). Reference:
 //! rosieyzh/optimizers-llm `olmo/optim.py` @ a1f8a3f58f4b6e805e2725cc249f859f7a8e18bd, class
 //! `LionW`, built for `optimizer.name = signsgd` as `LionW(lr, betas=(beta_0, beta_0), wd)`.
 
-use candle_core::{Tensor, Var};
-use serde::{Deserialize, Serialize};
+use crate::optim::algorithms::lion::{SignMomentum, SignMomentumConfig, SignumVariant};
 
-use crate::error::{check, Error, Result};
-use crate::optim::config::RuleConfig;
-use crate::optim::lion::SignMomentumStep;
-use crate::optim::params::ParamMeta;
-use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
-use crate::optim::state::State;
-
-/// Signum hyperparameters (the reference's `LionW` names).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SignumConfig {
-    /// Learning rate (the size of every coordinate's step).
-    pub lr: f64,
-    /// (β, β): the momentum decay, given twice as the reference does; the two must be equal
-    /// (untied betas are Lion: use `name = "lion"`).
-    pub betas: (f64, f64),
-    /// Decoupled weight decay λ (the step multiplies p by 1 − lr·λ).
-    pub weight_decay: f64,
-}
-
-impl Default for SignumConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-4,
-            betas: (0.9, 0.9),
-            weight_decay: 0.0,
-        }
-    }
-}
-
-impl RuleConfig for SignumConfig {
-    const NAME: &'static str = "signum";
-
-    fn validate(&self) -> Result<()> {
-        check::non_negative("signum.lr", self.lr)?;
-        check::unit_interval("signum.betas[0]", self.betas.0)?;
-        check::unit_interval("signum.betas[1]", self.betas.1)?;
-        if self.betas.0 != self.betas.1 {
-            return Err(Error::config(
-                "signum.betas[1]",
-                format!(
-                    "must equal betas[0] (Signum ties them), got ({}, {}); untied betas are \
-                     Lion (name = \"lion\")",
-                    self.betas.0, self.betas.1
-                ),
-            ));
-        }
-        check::non_negative("signum.weight_decay", self.weight_decay)
-    }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
-    fn build(&self) -> Result<Box<dyn Rule>> {
-        Ok(Box::new(Signum(self.clone())))
-    }
-}
+/// Signum hyperparameters (the reference's `LionW` names; β = (0.9, 0.9), tied).
+pub type SignumConfig = SignMomentumConfig<SignumVariant>;
 
 /// The Signum rule.
-#[derive(Debug, Clone)]
-pub struct Signum(pub SignumConfig);
-
-impl Rule for Signum {
-    fn name(&self) -> &'static str {
-        SignumConfig::NAME
-    }
-
-    fn update(
-        &self,
-        ctx: &StepCtx<'_>,
-        _meta: &ParamMeta,
-        param: &Var,
-        grad: &Tensor,
-        state: &mut State,
-    ) -> Result<()> {
-        let m = state.tensor_or_zeros("exp_avg", param)?;
-        let beta = self.0.betas.0;
-        SignMomentumStep {
-            lr: ctx.lr,
-            beta1: beta,
-            beta2: beta,
-            weight_decay: ctx.weight_decay,
-        }
-        .apply(param, grad, m)
-    }
-
-    fn check_state(&self, meta: &ParamMeta, state: &State) -> Result<()> {
-        expect_state_shape(meta, state, "exp_avg", &meta.shape)
-    }
-}
+pub type Signum = SignMomentum<SignumVariant>;
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use candle_core::Device;
-
     use super::*;
+    use crate::error::Result;
+    use crate::optim::config::RuleConfig;
     use crate::optim::lion::{sign, LionConfig};
-    use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
-
-    fn driver(cfg: OptimConfig, init: &[f64]) -> Result<Driver> {
-        let var = Var::from_tensor(&Tensor::new(init, &Device::Cpu)?)?;
-        Driver::new(cfg, NamedParams::new(vec![("w".to_string(), var)])?)
-    }
-
-    fn step(opt: &mut Driver, g: &[f64]) -> Result<Vec<f64>> {
-        let mut grads = BTreeMap::new();
-        grads.insert("w".to_string(), Tensor::new(g, &Device::Cpu)?);
-        opt.step_named(&grads)?;
-        Ok(opt.vars()[0].1.to_vec1::<f64>()?)
-    }
+    use crate::optim::testing::{driver_w as driver, step_w as step};
+    use crate::optim::OptimConfig;
 
     const GRADS: [[f64; 5]; 6] = [
         [0.2, -0.1, 0.05, 1.0, 0.0],
@@ -162,6 +59,7 @@ mod tests {
                 lr,
                 betas: (beta, beta),
                 weight_decay: wd,
+                ..Default::default()
             }),
             &init,
         )?;
@@ -170,6 +68,7 @@ mod tests {
                 lr,
                 betas: (beta, beta),
                 weight_decay: wd,
+                ..Default::default()
             }),
             &init,
         )?;
@@ -191,6 +90,7 @@ mod tests {
                 lr,
                 betas: (beta, beta),
                 weight_decay: wd,
+                ..Default::default()
             }),
             &init,
         )?;

@@ -53,7 +53,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Mode, Rule, StepCtx};
@@ -161,18 +161,7 @@ impl RuleConfig for ScheduleFreeAdamWConfig {
         check::non_negative("schedulefree_adamw.weight_decay", self.weight_decay)?;
         validate_schedule("schedulefree_adamw", self.r, self.weight_lr_power)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(ScheduleFree {
             name: Self::NAME,
@@ -197,18 +186,7 @@ impl RuleConfig for ScheduleFreeSgdConfig {
         check::non_negative("schedulefree_sgd.weight_decay", self.weight_decay)?;
         validate_schedule("schedulefree_sgd", self.r, self.weight_lr_power)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(ScheduleFree {
             name: Self::NAME,
@@ -449,47 +427,19 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
+    use crate::optim::testing::{
+        driver_w as driver, lcg_from_state, max_diff, param, step_w as step,
+    };
     use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
 
     fn det(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn driver(cfg: OptimConfig, init: &[f64]) -> Result<Driver> {
-        let var = Var::from_vec(init.to_vec(), init.len(), &Device::Cpu)?;
-        Driver::new(cfg, NamedParams::new([("w".to_string(), var)])?)
-    }
-
-    fn step(opt: &mut Driver, g: &[f64]) -> Result<()> {
-        let mut grads = BTreeMap::new();
-        grads.insert(
-            "w".to_string(),
-            Tensor::from_vec(g.to_vec(), g.len(), &Device::Cpu)?,
-        );
-        opt.step_named(&grads)
+        lcg_from_state(seed, n)
     }
 
     fn values(opt: &Driver) -> Vec<f64> {
-        opt.vars()[0].1.to_vec1::<f64>().unwrap()
+        param(opt, "w")
     }
 
-    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max)
-    }
-
-    /// The explicit three-sequence form (the reference's `*Reference` classes), written
-    /// independently of the in-place y update.
     fn explicit(adam: bool, init: &[f64], grads: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
         let (lr, b1, b2, eps, wd, warmup, r, power) = (0.05, 0.8, 0.99, 1e-8, 0.01, 3.0, 0.5, 2.0);
         let n = init.len();

@@ -660,6 +660,7 @@ impl Blocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::testing::flat;
     use candle_core::Device;
 
     fn t(v: &[f64], shape: &[usize]) -> Tensor {
@@ -670,10 +671,6 @@ mod tests {
         (0..n)
             .map(|i| ((i * 37 % 11) as f64) - 5.0 + 0.1 * i as f64)
             .collect()
-    }
-
-    fn flat(x: &Tensor) -> Vec<f64> {
-        x.flatten_all().unwrap().to_vec1::<f64>().unwrap()
     }
 
     fn close(a: &[f64], b: &[f64], tol: f64) -> bool {

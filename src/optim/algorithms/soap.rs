@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::linalg::{Order, Robust};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, sum_sq, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::kron::{self, FactorEma, KronLayout, Refresh};
 use crate::optim::params::ParamMeta;
@@ -214,18 +214,7 @@ impl RuleConfig for SoapConfig {
         check::non_negative("soap.weight_decay", self.weight_decay)?;
         check::at_least_one("soap.precondition_frequency", self.precondition_frequency)
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Soap::new(self.clone(), AdamInner::from(self))))
     }
@@ -629,38 +618,11 @@ mod tests {
     use super::*;
     use crate::optim::adamw::AdamWConfig;
     use crate::optim::fused::zip_mut;
+    use crate::optim::testing::{self, flat, noise};
     use crate::optim::{Driver, NamedParams, OptimConfig, Optimizer};
 
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(seed: u64, n: usize) -> Vec<f64> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(values(seed, n), shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        testing::tensor(noise(seed, shape.iter().product()), shape, dtype)
     }
 
     fn soap(cfg: SoapConfig, params: &[(&str, Tensor)]) -> (Driver, Vec<(String, Var)>) {
@@ -985,7 +947,7 @@ mod tests {
         step(&mut d, &[("w", tensor(3, &[3, 4], DType::F64))]).unwrap();
         let before = flat(vars[0].1.as_tensor());
         let st_before = flat(d.param_state("w").unwrap().tensor("GG.0").unwrap());
-        let mut bad = values(4, 12);
+        let mut bad = noise(4, 12);
         bad[5] = f64::NAN;
         let g = Tensor::from_vec(bad, (3, 4), &Device::Cpu).unwrap();
         let e = step(&mut d, &[("w", g)]).unwrap_err();

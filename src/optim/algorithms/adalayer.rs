@@ -63,7 +63,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
-use crate::optim::config::RuleConfig;
+use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -324,18 +324,7 @@ impl RuleConfig for AdalayerConfig {
         }
         Ok(())
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(Adalayer(self.clone())))
     }
@@ -354,18 +343,7 @@ impl RuleConfig for AdalayerSgdConfig {
             &self.qkv_pattern,
         )
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
-    }
-    fn set_weight_decay(&mut self, wd: f64) {
-        self.weight_decay = wd;
-    }
+    hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
         Ok(Box::new(AdalayerSgd(self.clone())))
     }
