@@ -52,6 +52,7 @@ bins="cuda_twins train sweep"
 say() { echo "gpu-check: $*" >&2; }
 die() {
   say "$*"
+  status=1
   exit 1
 }
 
@@ -181,21 +182,33 @@ missing_libs() {
   for b in $bins; do ldd "$bindir/$b" 2>/dev/null | awk '/not found/ { print $1 }'; done | sort -u
 }
 
+# Adds to LD_LIBRARY_PATH the directory of each library the binaries miss: root by root, most
+# specific first, one `find` per root for all missing names, at most 60 s in all (a large /home
+# must not eat the check's time).
 find_libs() {
-  local roots added=""
+  local roots added="" t0
+  t0=$(date +%s)
   mapfile -t roots < <(lib_roots)
-  for lib in $(missing_libs); do
-    local found
-    found=$(timeout 60 find "${roots[@]}" -name "$lib" \( -type f -o -type l \) 2>/dev/null | head -1)
-    if [ -n "$found" ]; then
+  for root in "${roots[@]}"; do
+    local miss
+    mapfile -t miss < <(missing_libs)
+    [ "${#miss[@]}" -gt 0 ] || break
+    local left=$((t0 + 60 - $(date +%s)))
+    [ "$left" -gt 0 ] || break
+    local expr=() m
+    for m in "${miss[@]}"; do expr+=(-o -name "$m"); done
+    while IFS= read -r found; do
       local d
       d=$(dirname "$found")
       case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *)
-        export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        added="$added $d"
+        # Only while its library is still missing: the first root that has it wins.
+        if missing_libs | grep -qxF "$(basename "$found")"; then
+          export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+          added="$added $d"
+        fi
         ;;
       esac
-    fi
+    done < <(timeout "$left" find "$root" \( -false "${expr[@]}" \) \( -type f -o -type l \) 2>/dev/null)
   done
   echo "libraries=${added:- (all found by the loader)}" >>"$work/env.txt"
 }
@@ -416,7 +429,11 @@ EOF
     record train-losses SKIP 0 "no GPU (rehearsal): not run"
   fi
 
-  # 3. A small sweep placed on GPU 0, with its report.
+  # 3. A small sweep placed on GPU 0, with its report. Its plan needs no GPU: it checks the
+  # sweep file against the binary (in the rehearsal too).
+  run_step sweep_plan 30 "$bindir/sweep" plan experiments/configs/gpu-smoke.toml \
+    --runs "$work/runs/gpu-smoke"
+  verdict sweep-plan "$(head -n 1 "$work/sweep_plan.log" | cut -c1-200)"
   if ! gpu_skipped sweep; then
     run_step sweep 90 "$bindir/sweep" run experiments/configs/gpu-smoke.toml --devices 0 \
       --runs "$work/runs/gpu-smoke" --report --report-dir "$work/sweep-report"
