@@ -345,6 +345,9 @@ check() {
     record report-logic FAIL $(($(date +%s) - s)) "$(tail -1 "$work/report-self-test.txt")"
   fi
 
+  # From here on a GPU test that finds no device fails instead of skipping (the rehearsal has
+  # proved the switch above and skips the GPU steps itself).
+  [ "$rehearsal" = 1 ] || export OPTLAB_REQUIRE_GPU=1
   # TF32 off for every library that honours NVIDIA's switch (cuBLAS, cuDNN), besides candle's
   # own setting (off by default; the tests set it explicitly).
   export NVIDIA_TF32_OVERRIDE=0
@@ -358,27 +361,27 @@ check() {
   # the GPU steps before the timings do not measure time.
   local cpu_pid=""
   if [ "$skip_gpu" = 1 ]; then
-    record train-cpu SKIP 0 "no GPU (rehearsal): the reference run belongs to the GPU step"
+    record train_cpu SKIP 0 "no GPU (rehearsal): the reference run belongs to the GPU step"
   else
     local cpu_lim=$((deadline - $(date +%s) - 60))
     [ "$cpu_lim" -le 240 ] || cpu_lim=240
     (
       s=$(date +%s)
       timeout -k 10 "$cpu_lim" "$train" "$cfg" --set device=cpu "${train_args[@]}" \
-        --out "$work/runs/cpu" >"$work/train-cpu.log" 2>&1
-      echo "$? $(($(date +%s) - s))" >"$work/train-cpu.rc"
+        --out "$work/runs/cpu" >"$work/train_cpu.log" 2>&1
+      echo "$? $(($(date +%s) - s))" >"$work/train_cpu.rc"
     ) &
     cpu_pid=$!
   fi
 
   # 1. Kernels and solvers against their CPU twins; then the golden files on the GPU.
   if ! gpu_skipped twins; then
-    run_step twins 180 env OPTLAB_REQUIRE_GPU=1 "$twins" --test-threads=1 \
+    run_step twins 180 "$twins" --test-threads=1 \
       --skip golden_trajectories_pass_on_the_gpu_in_f32
     verdict twins "$(test_summary "$work/twins.log")"
   fi
   if ! gpu_skipped golden; then
-    run_step golden 90 env OPTLAB_REQUIRE_GPU=1 "$twins" --exact \
+    run_step golden 90 "$twins" --exact \
       golden_trajectories_pass_on_the_gpu_in_f32 --nocapture
     verdict golden "$(grep -c '^PASS ' "$work/golden.log") golden files pass within the GPU bound"
   fi
@@ -387,25 +390,25 @@ check() {
   # against a busy host), then the comparison.
   if [ -n "$cpu_pid" ]; then
     wait "$cpu_pid"
-    read -r crc csecs <"$work/train-cpu.rc" || crc=1
+    read -r crc csecs <"$work/train_cpu.rc" || crc=1
     rc=$crc secs=${csecs:-0}
-    verdict train-cpu "$(tail -n 1 "$work/train-cpu.log" | cut -c1-200)"
+    verdict train_cpu "$(tail -n 1 "$work/train_cpu.log" | cut -c1-200)"
   fi
-  if ! gpu_skipped train-gpu; then
-    run_step train-gpu 90 "$train" "$cfg" --set device=cuda "${train_args[@]}" --out "$work/runs/gpu"
-    verdict train-gpu "$(tail -n 1 "$work/train-gpu.log" | cut -c1-200)"
+  if ! gpu_skipped train_gpu; then
+    run_step train_gpu 90 "$train" "$cfg" --set device=cuda "${train_args[@]}" --out "$work/runs/gpu"
+    verdict train_gpu "$(tail -n 1 "$work/train_gpu.log" | cut -c1-200)"
     s=$(date +%s)
     if [ -f "$work/runs/cpu/metrics.jsonl" ] && [ -f "$work/runs/gpu/metrics.jsonl" ]; then
       python3 scripts/gpu_report.py losses "$work/runs/cpu" "$work/runs/gpu" --steps 20 \
         --json "$work/losses.json" >"$work/losses.txt" 2>&1
       rc=$? secs=$(($(date +%s) - s))
       if [ $rc = 0 ]; then
-        record train-losses PASS "$secs" "$(cat "$work/losses.txt")"
+        record train_losses PASS "$secs" "$(cat "$work/losses.txt")"
       else
-        record train-losses FAIL "$secs" "$(tail -1 "$work/losses.txt")"
+        record train_losses FAIL "$secs" "$(tail -1 "$work/losses.txt")"
       fi
     else
-      record train-losses FAIL 0 "a run wrote no metrics.jsonl (see train-cpu.log, train-gpu.log)"
+      record train_losses FAIL 0 "a run wrote no metrics.jsonl (see train_cpu.log, train_gpu.log)"
     fi
     python3 - "$work" <<'EOF'
 import json, os, sys
@@ -426,14 +429,14 @@ with open(os.path.join(work, "train.json"), "w") as f:
     json.dump(out, f, indent=2)
 EOF
   else
-    record train-losses SKIP 0 "no GPU (rehearsal): not run"
+    record train_losses SKIP 0 "no GPU (rehearsal): not run"
   fi
 
   # 3. A small sweep placed on GPU 0, with its report. Its plan needs no GPU: it checks the
   # sweep file against the binary (in the rehearsal too).
   run_step sweep_plan 30 "$bindir/sweep" plan experiments/configs/gpu-smoke.toml \
     --runs "$work/runs/gpu-smoke"
-  verdict sweep-plan "$(head -n 1 "$work/sweep_plan.log" | cut -c1-200)"
+  verdict sweep_plan "$(head -n 1 "$work/sweep_plan.log" | cut -c1-200)"
   if ! gpu_skipped sweep; then
     run_step sweep 90 "$bindir/sweep" run experiments/configs/gpu-smoke.toml --devices 0 \
       --runs "$work/runs/gpu-smoke" --report --report-dir "$work/sweep-report"
@@ -443,28 +446,28 @@ EOF
   fi
 
   # 4. The timing table: optlab's side (machine-readable `TIMING` lines), then PyTorch's.
-  if ! gpu_skipped timing-adamw; then
+  if ! gpu_skipped timing_adamw; then
     run_step timing_adamw 60 "$twins" --ignored --exact gpu_timing_table --nocapture
-    verdict timing-adamw "$(grep -c '^TIMING' "$work/timing_adamw.log") figures"
+    verdict timing_adamw "$(grep -c '^TIMING' "$work/timing_adamw.log") figures"
   fi
-  if ! gpu_skipped torch-baselines; then
+  if ! gpu_skipped torch_baselines; then
     run_step torch_baselines 90 python3 scripts/gpu_baselines.py --out "$work/torch.json"
     if [ $rc = 0 ] && grep -q '"skipped"' "$work/torch.json" 2>/dev/null; then rc=1; fi
-    verdict torch-baselines "copy bandwidth, fused AdamW, qr + matmul and eigh at 1024 and 4096"
+    verdict torch_baselines "copy bandwidth, fused AdamW, qr + matmul and eigh at 1024 and 4096"
   fi
-  if ! gpu_skipped torch-train; then
+  if ! gpu_skipped torch_train; then
     run_step torch_train 90 python3 benches/torch_baseline.py --preset d256-l3 --batch 16 \
       --steps 20 --device cuda --json "$work/torch_train.json"
     [ -f "$work/torch_train.json" ] || rc=1
-    verdict torch-train "$(tail -n 1 "$work/torch_train.log")"
+    verdict torch_train "$(tail -n 1 "$work/torch_train.log")"
   fi
-  if ! gpu_skipped timing-refresh; then
+  if ! gpu_skipped timing_refresh; then
     run_step timing_refresh 120 "$twins" --ignored --exact gpu_timing_refresh --nocapture
-    verdict timing-refresh "$(grep -c '^TIMING' "$work/timing_refresh.log") figures"
+    verdict timing_refresh "$(grep -c '^TIMING' "$work/timing_refresh.log") figures"
   fi
-  if ! gpu_skipped timing-soap; then
+  if ! gpu_skipped timing_soap; then
     run_step timing_soap 120 "$twins" --ignored --exact gpu_timing_soap --nocapture
-    verdict timing-soap "$(grep -c '^TIMING' "$work/timing_soap.log") figures"
+    verdict timing_soap "$(grep -c '^TIMING' "$work/timing_soap.log") figures"
   fi
   say "done in $(($(date +%s) - start)) s"
 }
