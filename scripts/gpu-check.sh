@@ -210,7 +210,8 @@ find_libs() {
       esac
     done < <(timeout "$left" find "$root" \( -false "${expr[@]}" \) \( -type f -o -type l \) 2>/dev/null)
   done
-  echo "libraries=${added:- (all found by the loader)}" >>"$work/env.txt"
+  added=${added# }
+  echo "libraries=${added:-(all found by the loader)}" >>"$work/env.txt"
 }
 
 write_env() {
@@ -261,7 +262,8 @@ check_binaries() {
 check_require_switch() {
   local s
   s=$(date +%s)
-  "$bindir/cuda_twins" adamw_matches_cpu --exact >"$work/switch-off.txt" 2>&1
+  # --nocapture: libtest hides a passing test's output, SKIP line included.
+  "$bindir/cuda_twins" adamw_matches_cpu --exact --nocapture >"$work/switch-off.txt" 2>&1
   local off=$?
   OPTLAB_REQUIRE_GPU=1 RUST_BACKTRACE=0 "$bindir/cuda_twins" adamw_matches_cpu --exact \
     >"$work/switch-on.txt" 2>&1
