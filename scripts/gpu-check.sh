@@ -12,7 +12,8 @@
 #                                     no Rust), from the repository root: unpacks the bundle,
 #                                     finds the CUDA libraries and runs, each step under its own
 #                                     `timeout` and all within OPTLAB_GPU_CHECK_BUDGET seconds
-#                                     (default 450, so the whole check stays under 8 minutes):
+#                                     (default 440: with the kill grace of the last step and
+#                                     the report, the whole check stays under 8 minutes):
 #                                       1. every kernel and solver against its CPU twin, then
 #                                          the golden files on the GPU (cuda_twins with
 #                                          OPTLAB_REQUIRE_GPU=1: a test that finds no device fails);
@@ -105,6 +106,8 @@ for line in sys.stdin:
 # ---------------------------------------------------------------------------------------------
 rehearsal=0
 skip_gpu=${OPTLAB_GPU_CHECK_SKIP_GPU:-0}
+# The Python with PyTorch (the report itself needs only the standard library).
+python=${OPTLAB_GPU_CHECK_PYTHON:-python3}
 work= bindir= deadline= report= stamp= status=0 rc=0 secs=0
 
 record() { # name status seconds detail
@@ -235,7 +238,7 @@ write_env() {
     echo "driver=${driver:-unknown}"
     echo "cuda=${cuda:-unknown}"
     echo "host=$(hostname 2>/dev/null || echo '?'), $(nproc) cores"
-    echo "torch=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || echo 'not importable')"
+    echo "torch=$("$python" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo 'not importable')"
     echo "rehearsal=$rehearsal"
   } >>"$work/env.txt"
 }
@@ -283,7 +286,7 @@ test_summary() { # log: "N passed; M failed" of libtest
 check() {
   local start
   start=$(date +%s)
-  deadline=$((start + ${OPTLAB_GPU_CHECK_BUDGET:-450}))
+  deadline=$((start + ${OPTLAB_GPU_CHECK_BUDGET:-440}))
   stamp=$(date -u +%Y%m%dT%H%M%SZ)
   work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
   bindir=$work/bin
@@ -427,6 +430,11 @@ for side in ("gpu", "cpu"):
     summary = gpu_report.read_json(os.path.join(run, "summary.json"))
     if summary:
         out[side + "_summary_tokens_per_second"] = summary["timing"]["tokens_per_second"]
+    # What the run recorded about its device (env.json), as the runner writes it.
+    env = gpu_report.read_json(os.path.join(run, "env.json"))
+    found = {k: v for k, v in env.items() if any(w in k.lower() for w in ("device", "cuda", "driver", "gpu"))}
+    if found:
+        out[side + "_env"] = found
 with open(os.path.join(work, "train.json"), "w") as f:
     json.dump(out, f, indent=2)
 EOF
@@ -453,12 +461,12 @@ EOF
     verdict timing_adamw "$(grep -c '^TIMING' "$work/timing_adamw.log") figures"
   fi
   if ! gpu_skipped torch_baselines; then
-    run_step torch_baselines 90 python3 scripts/gpu_baselines.py --out "$work/torch.json"
+    run_step torch_baselines 90 "$python" scripts/gpu_baselines.py --out "$work/torch.json"
     if [ $rc = 0 ] && grep -q '"skipped"' "$work/torch.json" 2>/dev/null; then rc=1; fi
     verdict torch_baselines "copy bandwidth, fused AdamW, qr + matmul and eigh at 1024 and 4096"
   fi
   if ! gpu_skipped torch_train; then
-    run_step torch_train 90 python3 benches/torch_baseline.py --preset d256-l3 --batch 16 \
+    run_step torch_train 90 "$python" benches/torch_baseline.py --preset d256-l3 --batch 16 \
       --steps 20 --device cuda --json "$work/torch_train.json"
     [ -f "$work/torch_train.json" ] || rc=1
     verdict torch_train "$(tail -n 1 "$work/torch_train.log")"

@@ -255,6 +255,9 @@ def report(work, out_path):
                          f"{r['rtol']:.1e} | {'yes' if r['ok'] else '**no**'} |")
     else:
         lines.append("Not compared (see the steps table).")
+    for side in ("gpu", "cpu"):
+        if train.get(side + "_env"):
+            lines += ["", f"{side} run's env.json: `{json.dumps(train[side + '_env'], sort_keys=True)}`"]
     if train:
         lines += ["", "| run | tokens/s (summary.json) | tokens/s (steps 6-20) |", "|---|---:|---:|"]
         for side in ("gpu", "cpu"):
