@@ -141,7 +141,11 @@ verdict() { # name detail-when-ok: records PASS/FAIL/TIMEOUT from $rc
   case $rc in
   0) record "$name" PASS "$secs" "$detail" ;;
   124 | 137) record "$name" TIMEOUT "$secs" "$(tail -n 1 "$work/$name.log" 2>/dev/null)" ;;
-  *) record "$name" FAIL "$secs" "exit $rc: $(grep -m1 -E 'panicked|error|FAIL|failed' "$work/$name.log" | cut -c1-300)" ;;
+  *)
+    local why
+    why=$(grep -m1 -E 'panicked|error|FAIL|failed' "$work/$name.log" || tail -n 1 "$work/$name.log")
+    record "$name" FAIL "$secs" "exit $rc: $(cut -c1-300 <<<"$why")"
+    ;;
   esac
 }
 
