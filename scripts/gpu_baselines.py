@@ -58,7 +58,8 @@ def main():
     args = ap.parse_args()
 
     def emit(obj):
-        text = json.dumps(obj, indent=2, sort_keys=True)
+        # A skip on one line, so that it is the log's last line.
+        text = json.dumps(obj, indent=None if "skipped" in obj else 2, sort_keys=True)
         print(text)
         if args.out:
             with open(args.out, "w") as f:
