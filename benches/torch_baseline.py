@@ -8,11 +8,15 @@ does: forward, mean cross-entropy, backward, global-norm clipping at 1.0, an Ada
 Tokens are random (throughput does not depend on them).
 
     python3 benches/torch_baseline.py --preset tiny --batch 16 --threads 2 --steps 20
+    python3 benches/torch_baseline.py --preset d256-l3 --device cuda --json out.json
 
-Prints one line with tokens/s. Without torch it prints SKIP and exits 0.
+Prints one line with tokens/s (and with --json writes it as JSON too). On CUDA, f32 matrix
+products run without TF32, as candle's do by default. Without torch, or with --device cuda
+and no CUDA device, it prints SKIP and exits 0.
 """
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -102,14 +106,22 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"SKIP: torch {torch.__version__} sees no CUDA device")
+            sys.exit(0)
+        torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     d, n_layers, n_heads, context = PRESETS[args.preset]
-    model = Decoder(d, n_layers, n_heads, context)
+    model = Decoder(d, n_layers, n_heads, context).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    data = torch.randint(0, VOCAB, (args.batch, context + 1))
+    data = torch.randint(0, VOCAB, (args.batch, context + 1)).to(device)
 
     def step():
         logits = model(data[:, :-1])
@@ -127,11 +139,32 @@ def main():
         step()
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch * context
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"threads {torch.get_num_threads()}"
+    )
     print(
         f"torch {torch.__version__} eager: preset {args.preset}, batch {args.batch}x{context}, "
-        f"threads {torch.get_num_threads()}: {tokens / dt:.0f} tokens/s "
-        f"({dt / args.steps * 1000:.1f} ms/step)"
+        f"{where}: {tokens / dt:.0f} tokens/s ({dt / args.steps * 1000:.1f} ms/step)"
     )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "device": str(device),
+                    "device_name": where,
+                    "preset": args.preset,
+                    "batch": args.batch,
+                    "context": context,
+                    "steps": args.steps,
+                    "tokens_per_second": tokens / dt,
+                    "ms_per_step": dt / args.steps * 1000,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":
