@@ -818,3 +818,297 @@ ENTRY(scale_by, scale_by)
 ENTRY(column_dots, column_dots)
 ENTRY_SYNC(cholesky_upper, cholesky_upper)
 ENTRY(solve_upper_right_t, solve_upper_right_t)
+
+// ---------------------------------------------------------------------------------------------
+// Adafactor (src/optim/adafactor.rs torch form, src/optim/adafactor_hf.rs HF form; the twins
+// are `adafactor::cpu_pass` and the helpers it calls). One step of one parameter of n elements
+// is a sequence of launches that share one argument block (except `adafactor_scale`) and one
+// f64 workspace, so no statistic leaves the device:
+//   factored (aux = rows, cols > 0; batch = n / (rows·cols) matrices):
+//     adafactor_row_sums → adafactor_col_partials → adafactor_cols → adafactor_rows →
+//     adafactor_sumsq → adafactor_scale → adafactor_apply
+//   full (aux = 0, 0; v has n elements): adafactor_sumsq → adafactor_scale → adafactor_apply
+// Every sum is in f64 and in a fixed order that does not depend on the grid, and the CPU twin
+// sums in the same order, so kernel and twin agree bit for bit:
+//   block sum   thread t adds elements t, t + 256, … in turn, then the 256 lanes are folded
+//               pairwise (lane t += lane t + w for w = 128, 64, …, 1)  [af_block_sum]
+//   row sums    one block sum per row of cols elements
+//   column sums sequential over each chunk of AF_COL_CHUNK rows, then the chunks in order
+//   row means   one block sum per matrix over its rows, divided by rows
+//   Σp², Σu²    one block sum per chunk of AF_CHUNK consecutive elements, then a block sum of
+//               the chunk partials
+// out: p, r (or v), c (or null), m (HF first moment, or null); in: g.
+// s (T): torch  variant = 0, w, eps1, eps1², sign, decay, has_decay
+//        HF     variant = 1, b2, c2, eps1, b1, c1, has_momentum, has_decay
+// Workspace (f64): 4 slots (torch: step scale; HF: lr_t, decay, den, RMS(p)), row means
+// [batch], Σp² partials [chunks], Σu² partials [chunks], row sums [batch·rows], column
+// partials [batch·row_chunks·cols] (src/kernels.rs, AdafactorPlan).
+
+#define AF_THREADS 256
+#define AF_CHUNK 8192
+#define AF_COL_CHUNK 64
+
+struct AfLayout {
+    unsigned long long n, rows, cols, batch, chunks, row_chunks;
+    double* slots;
+    double* mean;
+    double* p_part;
+    double* u_part;
+    double* row_sum;
+    double* col_part;
+};
+
+template <typename T>
+__device__ AfLayout af_layout(const Args<T>& a) {
+    AfLayout l;
+    l.n = a.n;
+    l.rows = a.aux[0];
+    l.cols = a.aux[1];
+    l.batch = l.rows * l.cols > 0 ? l.n / (l.rows * l.cols) : 0;
+    l.chunks = (l.n + AF_CHUNK - 1) / AF_CHUNK;
+    l.row_chunks = (l.rows + AF_COL_CHUNK - 1) / AF_COL_CHUNK;
+    l.slots = a.scratch;
+    l.mean = l.slots + 4;
+    l.p_part = l.mean + l.batch;
+    l.u_part = l.p_part + l.chunks;
+    l.row_sum = l.u_part + l.chunks;
+    l.col_part = l.row_sum + l.batch * l.rows;
+    return l;
+}
+
+// The fold of a block sum: every thread passes its lane, every thread gets the total. Starts
+// and ends with a barrier so that `acc` can be reused right away.
+__device__ double af_block_sum(double v, double* acc) {
+    __syncthreads();
+    acc[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+        __syncthreads();
+    }
+    const double total = acc[0];
+    __syncthreads();
+    return total;
+}
+
+// The summand of the factored statistics: torch g² in f64, HF g² + ε1 in T.
+template <typename T>
+__device__ __forceinline__ double af_sq(T g, bool hf, T eps1) {
+    if (hf) return (double)(g * g + eps1);
+    const double x = (double)g;
+    return x * x;
+}
+
+// Row sums. Block-stride over the batch·rows rows.
+template <typename T>
+__device__ void adafactor_row_sums(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T eps1 = hf ? a.s[3] : a.s[2];
+    const T* g = a.in[0];
+    for (unsigned long long row = blockIdx.x; row < l.batch * l.rows; row += gridDim.x) {
+        double s = 0.0;
+        for (unsigned long long j = threadIdx.x; j < l.cols; j += blockDim.x) {
+            s += af_sq(g[row * l.cols + j], hf, eps1);
+        }
+        const double total = af_block_sum(s, acc);
+        if (threadIdx.x == 0) l.row_sum[row] = total;
+    }
+}
+
+// Column partials: thread k = (b·row_chunks + q)·cols + j sums rows q·AF_COL_CHUNK.. of
+// column j of matrix b in order.
+template <typename T>
+__device__ void adafactor_col_partials(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T eps1 = hf ? a.s[3] : a.s[2];
+    const T* g = a.in[0];
+    GRID_STRIDE(k, l.batch * l.row_chunks * l.cols) {
+        const unsigned long long j = k % l.cols, q = k / l.cols;
+        const unsigned long long b = q / l.row_chunks, c = q % l.row_chunks;
+        unsigned long long hi = (c + 1) * AF_COL_CHUNK;
+        if (hi > l.rows) hi = l.rows;
+        double s = 0.0;
+        for (unsigned long long i = c * AF_COL_CHUNK; i < hi; ++i) {
+            s += af_sq(g[(b * l.rows + i) * l.cols + j], hf, eps1);
+        }
+        l.col_part[k] = s;
+    }
+}
+
+// Column factor: thread k = b·cols + j folds its partials and updates c[k].
+template <typename T>
+__device__ void adafactor_cols(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* c = a.out[2];
+    GRID_STRIDE(k, l.batch * l.cols) {
+        const unsigned long long j = k % l.cols, b = k / l.cols;
+        double s = 0.0;
+        for (unsigned long long q = 0; q < l.row_chunks; ++q) {
+            s += l.col_part[(b * l.row_chunks + q) * l.cols + j];
+        }
+        const T x = (T)(s / (double)l.rows);
+        c[k] = hf ? a.s[1] * c[k] + a.s[2] * x : lerp(c[k], x, a.s[1]);
+    }
+}
+
+// Row factor and its mean: block-stride over the batch matrices; block b updates r of matrix
+// b and stores the mean of the new values.
+template <typename T>
+__device__ void adafactor_rows(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* r = a.out[1];
+    for (unsigned long long b = blockIdx.x; b < l.batch; b += gridDim.x) {
+        double s = 0.0;
+        for (unsigned long long i = threadIdx.x; i < l.rows; i += blockDim.x) {
+            const unsigned long long k = b * l.rows + i;
+            const T x = (T)(l.row_sum[k] / (double)l.cols);
+            const T rk = hf ? a.s[1] * r[k] + a.s[2] * x : lerp(r[k], x, a.s[1]);
+            r[k] = rk;
+            s += (double)rk;
+        }
+        const double total = af_block_sum(s, acc);
+        if (threadIdx.x == 0) l.mean[b] = total / (double)l.rows;
+    }
+}
+
+// U at element k (after the second-moment update; full: from v[k]).
+template <typename T>
+__device__ __forceinline__ T af_u(const Args<T>& a, const AfLayout& l, unsigned long long k) {
+    const bool hf = a.s[0] != T(0);
+    const T gk = a.in[0][k];
+    const T* rv = a.out[1];
+    if (l.batch == 0) {
+        if (hf) return T(1) / root(rv[k]) * gk;
+        return a.s[4] * gk / root(max_of(rv[k], a.s[3]));
+    }
+    const unsigned long long row = k / l.cols, j = k % l.cols, b = row / l.rows;
+    const T ck = a.out[2][b * l.cols + j];
+    if (hf) {
+        const T mean = (T)l.mean[b];
+        const T row_f = T(1) / root(rv[row] / mean);
+        const T col_f = T(1) / root(ck);
+        return row_f * col_f * gk;
+    }
+    const T norm = max_of((T)l.mean[b], a.s[2]);
+    const T v = rv[row] * ck / norm;
+    return a.s[4] * gk / root(max_of(v, a.s[3]));
+}
+
+// Σp² and Σu² partials: block q sums chunk q. Full storage updates v here, before its U.
+template <typename T>
+__device__ void adafactor_sumsq(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T* p = a.out[0];
+    T* v = a.out[1];
+    const T* g = a.in[0];
+    const unsigned long long q = blockIdx.x, lo = q * AF_CHUNK;
+    unsigned long long hi = lo + AF_CHUNK;
+    if (hi > l.n) hi = l.n;
+    double sp = 0.0, su = 0.0;
+    for (unsigned long long k = lo + threadIdx.x; k < hi; k += blockDim.x) {
+        const double pk = (double)p[k];
+        sp += pk * pk;
+        if (l.batch == 0) {
+            if (hf) {
+                const T gk = g[k];
+                v[k] = a.s[1] * v[k] + a.s[2] * (gk * gk + a.s[3]);
+            } else {
+                const T gk = a.s[4] * g[k];
+                v[k] = lerp(v[k], gk * gk, a.s[1]);
+            }
+        }
+        const double u = (double)af_u(a, l, k);
+        su += u * u;
+    }
+    const double tp = af_block_sum(sp, acc);
+    const double tu = af_block_sum(su, acc);
+    if (threadIdx.x == 0) {
+        l.p_part[q] = tp;
+        l.u_part[q] = tu;
+    }
+}
+
+// The step's scalars from Σp² and Σu², in f64 (launched as adafactor_scale_f64 for either
+// parameter dtype: it only touches the workspace, and out[0], HF's f64 RMS(p) state, when not
+// null). One block. n, aux as the other launches.
+// s: torch  variant = 0, eps2, rho, d, to_f32
+//    HF     variant = 1, eps2, rho, clip_threshold, to_f32, weight_decay, scale_parameter
+// to_f32 ≠ 0 rounds the stored scalars to f32 (the T::of of the twin for f32 parameters).
+template <typename T>
+__device__ void adafactor_scale(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    double sp = 0.0, su = 0.0;
+    for (unsigned long long q = threadIdx.x; q < l.chunks; q += blockDim.x) {
+        sp += l.p_part[q];
+        su += l.u_part[q];
+    }
+    const double p_ss = af_block_sum(sp, acc);
+    const double u_ss = af_block_sum(su, acc);
+    if (threadIdx.x != 0) return;
+    const bool hf = (double)a.s[0] != 0.0, to_f32 = (double)a.s[4] != 0.0;
+    const double eps2 = (double)a.s[1], rho = (double)a.s[2], d = (double)a.s[3];
+    const double sqrt_numel = sqrt((double)l.n);
+    if (!hf) {
+        const double alpha = fmax(eps2, sqrt(p_ss) / sqrt_numel) * rho;
+        const double den = fmax(sqrt(u_ss) / (sqrt_numel * d), 1.0);
+        const double s = -alpha / den;
+        l.slots[0] = to_f32 ? (double)(float)s : s;
+        return;
+    }
+    const double wd = (double)a.s[5];
+    const double rms = sqrt(p_ss) / sqrt_numel;
+    const double scale = (double)a.s[6] != 0.0 ? fmax(eps2, rms) : 1.0;
+    const double lr_t = rho * scale;
+    const double decay = -wd * lr_t;
+    const double den = fmax(sqrt(u_ss) / sqrt_numel / d, 1.0);
+    l.slots[0] = to_f32 ? (double)(float)lr_t : lr_t;
+    l.slots[1] = to_f32 ? (double)(float)decay : decay;
+    l.slots[2] = to_f32 ? (double)(float)den : den;
+    l.slots[3] = rms;
+    if (a.out[0]) a.out[0][0] = (T)rms;
+}
+
+// The update. torch: p ← p·decay + s·U. HF: U·lr_t/den through the momentum, coupled decay.
+template <typename T>
+__device__ void adafactor_apply(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* p = a.out[0];
+    T* m = a.out[3];
+    GRID_STRIDE(k, l.n) {
+        const T u = af_u(a, l, k);
+        if (!hf) {
+            const T s = (T)l.slots[0];
+            const T pk = a.s[6] != T(0) ? p[k] * a.s[5] : p[k];
+            p[k] = pk + s * u;
+            continue;
+        }
+        const T lr_t = (T)l.slots[0], decay = (T)l.slots[1], den = (T)l.slots[2];
+        T step = u / den * lr_t;
+        if (a.s[6] != T(0)) {
+            const T mk = a.s[4] * m[k] + a.s[5] * step;
+            m[k] = mk;
+            step = mk;
+        }
+        T pk = p[k];
+        if (a.s[7] != T(0)) pk = pk + decay * pk;
+        p[k] = pk - step;
+    }
+}
+
+ENTRY_SYNC(adafactor_row_sums, adafactor_row_sums)
+ENTRY(adafactor_col_partials, adafactor_col_partials)
+ENTRY(adafactor_cols, adafactor_cols)
+ENTRY_SYNC(adafactor_rows, adafactor_rows)
+ENTRY_SYNC(adafactor_sumsq, adafactor_sumsq)
+ENTRY_SYNC(adafactor_scale, adafactor_scale)
+ENTRY(adafactor_apply, adafactor_apply)

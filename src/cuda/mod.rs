@@ -22,7 +22,10 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
-use crate::kernels::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
+use crate::kernels::{
+    check_sizes, elementwise_blocks, AdafactorLaunch, AdafactorPlan, AdalayerPlan, Args, RawLaunch,
+    THREADS,
+};
 use crate::optim::fused::Float;
 
 /// PTX of `kernels/fused.cu`.
@@ -529,6 +532,49 @@ pub fn with_device_ptrs<T: Float>(
         &mut ptrs,
         &mut launch,
     )
+}
+
+/// Adafactor's step on the device (the twin of `adafactor::run_pass`'s CPU path): the
+/// [`AdafactorPlan`] launches over `outs` = (p, r or v, c if `has.0`, m if `has.1`) and `g`,
+/// with one f64 workspace; RMS(p) goes to the f64 0-D tensor `rms` when given. Everything is
+/// queued on the device's stream: no copy to the host, no wait.
+pub fn adafactor<T: Float>(
+    plan: &AdafactorPlan,
+    outs: &[&Tensor],
+    has: (bool, bool),
+    g: &Tensor,
+    rms: Option<&Tensor>,
+    s: &[T],
+    wide: &[f64],
+) -> Result<()> {
+    check_sizes("adafactor", plan.n, &[outs[0], g])?;
+    with_device_ptrs::<T>(outs, &[g], |dev, o, i| {
+        let o = AdafactorPlan::out_slots(o, has.0, has.1)?;
+        let mut scratch = dev.alloc_zeros::<f64>(plan.scratch_len())?;
+        let stream = dev.cuda_stream();
+        let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
+        let mut run = |rms_ptr: u64| -> Result<()> {
+            for l in plan.launches(&o, i[0], scratch_ptr, rms_ptr, s, wide)? {
+                // SAFETY: `AdafactorPlan` sizes the workspace for every region the kernels
+                // index (kernels/fused.cu, `af_layout`); p, g (and m) hold n elements, r/c
+                // batch·rows / batch·cols or v n (checked by `with_device_ptrs` against the
+                // state shapes the rule created), `rms` one f64.
+                match l {
+                    AdafactorLaunch::Typed(name, blocks, args) => unsafe {
+                        launch::<T>(dev, name, blocks, &args)?
+                    },
+                    AdafactorLaunch::Wide(name, blocks, args) => unsafe {
+                        launch::<f64>(dev, name, blocks, &args)?
+                    },
+                }
+            }
+            Ok(())
+        };
+        match rms {
+            Some(t) => with_device_ptrs::<f64>(&[t], &[], |_, r, _| run(r[0])),
+            None => run(0),
+        }
+    })
 }
 
 #[cfg(test)]
