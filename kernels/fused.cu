@@ -825,15 +825,15 @@ ENTRY(solve_upper_right_t, solve_upper_right_t)
 // is a sequence of launches that share one argument block (except `adafactor_scale`) and one
 // f64 workspace, so no statistic leaves the device:
 //   factored (aux = rows, cols > 0; batch = n / (rows·cols) matrices):
-//     adafactor_row_sums → adafactor_col_partials → adafactor_cols → adafactor_rows →
+//     adafactor_row_partials → adafactor_col_partials → adafactor_cols → adafactor_rows →
 //     adafactor_sumsq → adafactor_scale → adafactor_apply
 //   full (aux = 0, 0; v has n elements): adafactor_sumsq → adafactor_scale → adafactor_apply
 // Every sum is in f64 and in a fixed order that does not depend on the grid, and the CPU twin
 // sums in the same order, so kernel and twin agree bit for bit:
 //   block sum   thread t adds elements t, t + 256, … in turn, then the 256 lanes are folded
 //               pairwise (lane t += lane t + w for w = 128, 64, …, 1)  [af_block_sum]
-//   row sums    one block sum per row of cols elements
-//   column sums sequential over each chunk of AF_COL_CHUNK rows, then the chunks in order
+//   row sums    sequential over each chunk of AF_PART columns, then the chunks in order
+//   column sums sequential over each chunk of AF_PART rows, then the chunks in order
 //   row means   one block sum per matrix over its rows, divided by rows
 //   Σp², Σu²    one block sum per chunk of AF_CHUNK consecutive elements, then a block sum of
 //               the chunk partials
@@ -841,20 +841,22 @@ ENTRY(solve_upper_right_t, solve_upper_right_t)
 // s (T): torch  variant = 0, w, eps1, eps1², sign, decay, has_decay
 //        HF     variant = 1, b2, c2, eps1, b1, c1, has_momentum, has_decay
 // Workspace (f64): 4 slots (torch: step scale; HF: lr_t, decay, den, RMS(p)), row means
-// [batch], Σp² partials [chunks], Σu² partials [chunks], row sums [batch·rows], column
-// partials [batch·row_chunks·cols] (src/kernels.rs, AdafactorPlan).
+// [batch], Σp² partials [chunks], Σu² partials [chunks], row partials
+// [batch·rows·col_chunks], column partials [batch·row_chunks·cols] (src/kernels.rs,
+// AdafactorPlan). The row and column sums need no barrier, so a step has few blocks that
+// synchronize (one per matrix, one per chunk, one), which also keeps the host emulation fast.
 
 #define AF_THREADS 256
 #define AF_CHUNK 8192
-#define AF_COL_CHUNK 64
+#define AF_PART 64
 
 struct AfLayout {
-    unsigned long long n, rows, cols, batch, chunks, row_chunks;
+    unsigned long long n, rows, cols, batch, chunks, row_chunks, col_chunks;
     double* slots;
     double* mean;
     double* p_part;
     double* u_part;
-    double* row_sum;
+    double* row_part;
     double* col_part;
 };
 
@@ -866,13 +868,14 @@ __device__ AfLayout af_layout(const Args<T>& a) {
     l.cols = a.aux[1];
     l.batch = l.rows * l.cols > 0 ? l.n / (l.rows * l.cols) : 0;
     l.chunks = (l.n + AF_CHUNK - 1) / AF_CHUNK;
-    l.row_chunks = (l.rows + AF_COL_CHUNK - 1) / AF_COL_CHUNK;
+    l.row_chunks = (l.rows + AF_PART - 1) / AF_PART;
+    l.col_chunks = (l.cols + AF_PART - 1) / AF_PART;
     l.slots = a.scratch;
     l.mean = l.slots + 4;
     l.p_part = l.mean + l.batch;
     l.u_part = l.p_part + l.chunks;
-    l.row_sum = l.u_part + l.chunks;
-    l.col_part = l.row_sum + l.batch * l.rows;
+    l.row_part = l.u_part + l.chunks;
+    l.col_part = l.row_part + l.batch * l.rows * l.col_chunks;
     return l;
 }
 
@@ -899,26 +902,27 @@ __device__ __forceinline__ double af_sq(T g, bool hf, T eps1) {
     return x * x;
 }
 
-// Row sums. Block-stride over the batch·rows rows.
+// Row partials: thread k = row·col_chunks + q sums columns q·AF_PART.. of its row in order.
 template <typename T>
-__device__ void adafactor_row_sums(const Args<T>& a) {
-    __shared__ double acc[AF_THREADS];
+__device__ void adafactor_row_partials(const Args<T>& a) {
     const AfLayout l = af_layout(a);
     const bool hf = a.s[0] != T(0);
     const T eps1 = hf ? a.s[3] : a.s[2];
     const T* g = a.in[0];
-    for (unsigned long long row = blockIdx.x; row < l.batch * l.rows; row += gridDim.x) {
+    GRID_STRIDE(k, l.batch * l.rows * l.col_chunks) {
+        const unsigned long long row = k / l.col_chunks, q = k % l.col_chunks;
+        unsigned long long hi = (q + 1) * AF_PART;
+        if (hi > l.cols) hi = l.cols;
         double s = 0.0;
-        for (unsigned long long j = threadIdx.x; j < l.cols; j += blockDim.x) {
+        for (unsigned long long j = q * AF_PART; j < hi; ++j) {
             s += af_sq(g[row * l.cols + j], hf, eps1);
         }
-        const double total = af_block_sum(s, acc);
-        if (threadIdx.x == 0) l.row_sum[row] = total;
+        l.row_part[k] = s;
     }
 }
 
-// Column partials: thread k = (b·row_chunks + q)·cols + j sums rows q·AF_COL_CHUNK.. of
-// column j of matrix b in order.
+// Column partials: thread k = (b·row_chunks + q)·cols + j sums rows q·AF_PART.. of column
+// j of matrix b in order.
 template <typename T>
 __device__ void adafactor_col_partials(const Args<T>& a) {
     const AfLayout l = af_layout(a);
@@ -928,10 +932,10 @@ __device__ void adafactor_col_partials(const Args<T>& a) {
     GRID_STRIDE(k, l.batch * l.row_chunks * l.cols) {
         const unsigned long long j = k % l.cols, q = k / l.cols;
         const unsigned long long b = q / l.row_chunks, c = q % l.row_chunks;
-        unsigned long long hi = (c + 1) * AF_COL_CHUNK;
+        unsigned long long hi = (c + 1) * AF_PART;
         if (hi > l.rows) hi = l.rows;
         double s = 0.0;
-        for (unsigned long long i = c * AF_COL_CHUNK; i < hi; ++i) {
+        for (unsigned long long i = c * AF_PART; i < hi; ++i) {
             s += af_sq(g[(b * l.rows + i) * l.cols + j], hf, eps1);
         }
         l.col_part[k] = s;
@@ -955,8 +959,8 @@ __device__ void adafactor_cols(const Args<T>& a) {
     }
 }
 
-// Row factor and its mean: block-stride over the batch matrices; block b updates r of matrix
-// b and stores the mean of the new values.
+// Row factor and its mean: block-stride over the batch matrices; block b folds the row
+// partials of matrix b, updates its r and stores the mean of the new values.
 template <typename T>
 __device__ void adafactor_rows(const Args<T>& a) {
     __shared__ double acc[AF_THREADS];
@@ -967,7 +971,11 @@ __device__ void adafactor_rows(const Args<T>& a) {
         double s = 0.0;
         for (unsigned long long i = threadIdx.x; i < l.rows; i += blockDim.x) {
             const unsigned long long k = b * l.rows + i;
-            const T x = (T)(l.row_sum[k] / (double)l.cols);
+            double rs = 0.0;
+            for (unsigned long long q = 0; q < l.col_chunks; ++q) {
+                rs += l.row_part[k * l.col_chunks + q];
+            }
+            const T x = (T)(rs / (double)l.cols);
             const T rk = hf ? a.s[1] * r[k] + a.s[2] * x : lerp(r[k], x, a.s[1]);
             r[k] = rk;
             s += (double)rk;
@@ -1105,7 +1113,7 @@ __device__ void adafactor_apply(const Args<T>& a) {
     }
 }
 
-ENTRY_SYNC(adafactor_row_sums, adafactor_row_sums)
+ENTRY(adafactor_row_partials, adafactor_row_partials)
 ENTRY(adafactor_col_partials, adafactor_col_partials)
 ENTRY(adafactor_cols, adafactor_cols)
 ENTRY_SYNC(adafactor_rows, adafactor_rows)

@@ -214,7 +214,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "column_dots",
     "cholesky_upper",
     "solve_upper_right_t",
-    "adafactor_row_sums",
+    "adafactor_row_partials",
     "adafactor_col_partials",
     "adafactor_cols",
     "adafactor_rows",
@@ -225,8 +225,9 @@ pub const KERNEL_NAMES: &[&str] = &[
 
 /// Elements per partial sum of Adafactor's Σp² and Σu² (`AF_CHUNK` in kernels/fused.cu).
 pub const ADAFACTOR_CHUNK: usize = 8192;
-/// Rows per partial column sum of Adafactor's factored statistics (`AF_COL_CHUNK`).
-pub const ADAFACTOR_COL_CHUNK: usize = 64;
+/// Rows per partial column sum, and columns per partial row sum, of Adafactor's factored
+/// statistics (`AF_PART`).
+pub const ADAFACTOR_PART: usize = 64;
 /// f64 slots at the start of Adafactor's workspace (the step's scalars).
 const ADAFACTOR_SLOTS: usize = 4;
 
@@ -277,16 +278,21 @@ impl AdafactorPlan {
 
     /// Partial column sums per column.
     pub fn row_chunks(&self) -> usize {
-        self.rows.div_ceil(ADAFACTOR_COL_CHUNK)
+        self.rows.div_ceil(ADAFACTOR_PART)
     }
 
-    /// f64 elements of the workspace: slots, row means, two chunk partials, row sums, column
+    /// Partial row sums per row.
+    pub fn col_chunks(&self) -> usize {
+        self.cols.div_ceil(ADAFACTOR_PART)
+    }
+
+    /// f64 elements of the workspace: slots, row means, two chunk partials, row partials, column
     /// partials.
     pub fn scratch_len(&self) -> usize {
         ADAFACTOR_SLOTS
             + self.batch
             + 2 * self.chunks()
-            + self.batch * self.rows
+            + self.batch * self.rows * self.col_chunks()
             + self.batch * self.row_chunks() * self.cols
     }
 
@@ -328,10 +334,9 @@ impl AdafactorPlan {
         w.aux = a.aux;
         let mut out = Vec::with_capacity(7);
         if self.batch > 0 {
-            let rows = self.batch * self.rows;
             out.push(AdafactorLaunch::Typed(
-                "adafactor_row_sums",
-                rows.min(MAX_BLOCKS),
+                "adafactor_row_partials",
+                elementwise_blocks(self.batch * self.rows * self.col_chunks()),
                 a,
             ));
             out.push(AdafactorLaunch::Typed(
@@ -393,7 +398,7 @@ mod tests {
     fn adafactor_constants_match_the_kernels() {
         let src = include_str!("../kernels/fused.cu");
         assert!(src.contains(&format!("#define AF_CHUNK {ADAFACTOR_CHUNK}\n")));
-        assert!(src.contains(&format!("#define AF_COL_CHUNK {ADAFACTOR_COL_CHUNK}\n")));
+        assert!(src.contains(&format!("#define AF_PART {ADAFACTOR_PART}\n")));
         assert!(src.contains(&format!("#define AF_THREADS {THREADS}\n")));
         assert!(src.contains(&format!("l.mean = l.slots + {ADAFACTOR_SLOTS};")));
     }

@@ -316,12 +316,12 @@ fn weight_averages_match_their_twins() {
 
 #[test]
 fn adafactor_batched_and_scalar_shapes_match_their_twins() {
-    // Leading batch dims (independent factors per matrix, more matrices than one block's
-    // threads for the row means), a 0-D parameter, a single row and column, and a matrix with
-    // more rows than one column chunk; the KERNEL_SHAPES cases cover the rest.
+    // Leading batch dims (independent factors per matrix), a 0-D parameter, a single row and
+    // column, and more rows or columns than one partial-sum chunk; the KERNEL_SHAPES cases
+    // cover the rest.
     let shapes: &[(&str, &[usize])] = &[
         ("a", &[3, 70, 5]),
-        ("b", &[300, 1, 2]),
+        ("b", &[40, 1, 2]),
         ("c", &[2, 3, 4, 5]),
         ("d", &[]),
         ("e", &[1, 9]),

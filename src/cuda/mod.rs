@@ -116,7 +116,7 @@ pub fn launch_raw<T: Float>(
 }
 
 /// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::optim::fused::zip_mut)
-/// body of Adafactor or MARS with AMSGrad) on host copies of CUDA operands,
+/// body of MARS with AMSGrad) on host copies of CUDA operands,
 /// then writes the outputs back: every optimizer works on the GPU, the passes without kernels at
 /// the cost of two transfers each. The arithmetic is the CPU path's, so results equal the CPU's.
 pub fn on_host<T: Float>(
@@ -553,7 +553,7 @@ pub fn adafactor<T: Float>(
         let mut scratch = dev.alloc_zeros::<f64>(plan.scratch_len())?;
         let stream = dev.cuda_stream();
         let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
-        let mut run = |rms_ptr: u64| -> Result<()> {
+        let run = |rms_ptr: u64| -> Result<()> {
             for l in plan.launches(&o, i[0], scratch_ptr, rms_ptr, s, wide)? {
                 // SAFETY: `AdafactorPlan` sizes the workspace for every region the kernels
                 // index (kernels/fused.cu, `af_layout`); p, g (and m) hold n elements, r/c

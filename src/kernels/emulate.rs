@@ -180,7 +180,7 @@ pub fn adafactor<T: Float>(
         let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
         let o = AdafactorPlan::out_slots(&o, has.0, has.1)?;
         let i = i[0].as_ptr() as u64;
-        let mut run = |rms_ptr: u64| -> Result<()> {
+        let run = |rms_ptr: u64| -> Result<()> {
             for l in plan.launches(&o, i, scratch_ptr, rms_ptr, s, wide)? {
                 // SAFETY: as for the CUDA launches; the slices stay borrowed by `zip_mut` and
                 // the workspace holds scratch_len f64.

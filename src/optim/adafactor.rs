@@ -44,7 +44,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
-use crate::kernels::{check_sizes, AdafactorPlan, ADAFACTOR_CHUNK, ADAFACTOR_COL_CHUNK};
+use crate::kernels::{check_sizes, AdafactorPlan, ADAFACTOR_CHUNK, ADAFACTOR_PART};
 use crate::optim::config::RuleConfig;
 use crate::optim::fused::{flag, zip_mut, Float};
 use crate::optim::params::ParamMeta;
@@ -153,8 +153,8 @@ pub fn chunked_sums(n: usize, mut f: impl FnMut(usize) -> (f64, f64)) -> (f64, f
 
 /// Row and column sums of `f(x)` over each `rows × cols` matrix of a contiguous `[batch, rows,
 /// cols]` buffer, in f64 and in the kernels' order: `(row sums [batch·rows], column sums
-/// [batch·cols])`. A row sum is a [`block_sum`]; a column sum adds the rows of each chunk of
-/// [`ADAFACTOR_COL_CHUNK`] in turn, then the chunk partials in turn.
+/// [batch·cols])`. A row (column) sum adds the elements of each chunk of [`ADAFACTOR_PART`]
+/// columns (rows) in turn, then the chunk partials in turn.
 pub fn factored_sums<T: Float>(
     x: &[T],
     batch: usize,
@@ -162,17 +162,19 @@ pub fn factored_sums<T: Float>(
     cols: usize,
     f: impl Fn(T) -> f64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let row: Vec<f64> = (0..batch * rows)
-        .map(|r| {
-            let xr = &x[r * cols..(r + 1) * cols];
-            block_sum(cols, |j| f(xr[j]))
+    let row: Vec<f64> = x
+        .chunks(cols.max(1))
+        .take(batch * rows)
+        .map(|xr| {
+            xr.chunks(ADAFACTOR_PART)
+                .fold(0.0, |s, part| s + part.iter().fold(0.0, |p, &xk| p + f(xk)))
         })
         .collect();
-    let row_chunks = rows.div_ceil(ADAFACTOR_COL_CHUNK);
+    let row_chunks = rows.div_ceil(ADAFACTOR_PART);
     let mut part = vec![0.0; batch * row_chunks * cols];
     for b in 0..batch {
         for i in 0..rows {
-            let q = b * row_chunks + i / ADAFACTOR_COL_CHUNK;
+            let q = b * row_chunks + i / ADAFACTOR_PART;
             let start = (b * rows + i) * cols;
             for (pj, &xk) in part[q * cols..(q + 1) * cols]
                 .iter_mut()
