@@ -34,7 +34,7 @@ struct Args {
 __device__ __forceinline__ float root(float x) { return sqrtf(x); }
 __device__ __forceinline__ double root(double x) { return sqrt(x); }
 
-// torch.sign: ±0 -> 0, NaN stays NaN (src/optim/lion.rs `sign`).
+// torch.sign: ±0 -> 0, NaN stays NaN (src/optim/algorithms/lion.rs `sign`).
 template <typename T>
 __device__ __forceinline__ T sign_of(T x) {
     if (x > T(0)) return T(1);
@@ -42,7 +42,7 @@ __device__ __forceinline__ T sign_of(T x) {
     return x != x ? x : T(0);
 }
 
-// torch.lerp: exact at both ends (src/optim/adalayer.rs, schedule_free.rs `lerp`).
+// torch.lerp: exact at both ends (src/optim/algorithms/adalayer.rs, schedule_free.rs `lerp`).
 template <typename T>
 __device__ __forceinline__ T lerp(T a, T b, T w) {
     T aw = w < T(0) ? -w : w;
@@ -55,7 +55,7 @@ __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); 
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 
 // ---------------------------------------------------------------------------------------------
-// AdamW (src/optim/adamw.rs, AdamStep). out: p, m, v [, vmax]; in: g.
+// AdamW (src/optim/algorithms/adamw.rs, AdamStep). out: p, m, v [, vmax]; in: g.
 // s: decay, b1, c1, b2, c2, step_size, bc2_sqrt, eps, sign
 template <typename T, bool AMSGRAD>
 __device__ void adamw(const Args<T>& a) {
@@ -85,7 +85,7 @@ __device__ void adamw(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Lion / Signum (src/optim/lion.rs, SignMomentumStep). out: p, m; in: g.
+// Lion / Signum (src/optim/algorithms/lion.rs, SignMomentumStep). out: p, m; in: g.
 // s: decay, lr, b1, c1, b2, c2
 template <typename T>
 __device__ void sign_momentum(const Args<T>& a) {
@@ -103,7 +103,7 @@ __device__ void sign_momentum(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AdEMAMix (src/optim/ademamix.rs). out: p, m2, v [, m1]; in: g. Without m1 (β1 = 0) the fast
+// AdEMAMix (src/optim/algorithms/ademamix.rs). out: p, m2, v [, m1]; in: g. Without m1 (β1 = 0) the fast
 // term is g itself.
 // s: b1, c1, b2, c2, b3, c3, alpha, bc1, bc2_sqrt, eps, wd, neg_lr
 template <typename T, bool FAST_EMA>
@@ -135,7 +135,7 @@ __device__ void ademamix(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Simplified-AdEMAMix (src/optim/simplified_ademamix.rs). out: p, m, v; in: g.
+// Simplified-AdEMAMix (src/optim/algorithms/simplified_ademamix.rs). out: p, m, v; in: g.
 // s: b1, b2, c2, alpha, eps_term, num_sum, den_sqrt, wd, neg_lr
 // num_sum / den_sqrt are 1 when the corresponding bias correction is off: x / 1 and x * 1 are
 // exact, so this rounds like the CPU twin that skips them.
@@ -164,7 +164,7 @@ __device__ void simplified_ademamix(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adalayer (src/optim/adalayer.rs, Plan::apply). A parameter of n elements is split into nb
+// Adalayer (src/optim/algorithms/adalayer.rs, Plan::apply). A parameter of n elements is split into nb
 // consecutive blocks of len = n / nb elements, one second-moment scalar per block.
 
 #define SUMSQ_THREADS 256
@@ -253,7 +253,7 @@ __device__ void adalayer_sgd(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Schedule-Free (src/optim/schedule_free.rs). The parameter holds y.
+// Schedule-Free (src/optim/algorithms/schedule_free.rs). The parameter holds y.
 // AdamW base: out: y, z, v; in: g. s: b2, c2, bias_correction2, eps, c, y_lr, lr, wd, decay
 // (decay ≠ 0: add wd·y, as the CPU twin's `if decay`).
 template <typename T>
@@ -303,7 +303,7 @@ __device__ void lerp_toward(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Muon (src/optim/muon.rs, Muon::matrix_typed): the momentum before Newton–Schulz and the
+// Muon (src/optim/algorithms/muon.rs, Muon::matrix_typed): the momentum before Newton–Schulz and the
 // parameter update after it (the orthogonalization itself is matrix products).
 // out: m, u; in: g. s: w_in (1 − μ), w_out (μ), nesterov (≠ 0: u = lerp(g, m, μ), else u = m)
 template <typename T>
@@ -331,7 +331,7 @@ __device__ void muon_apply(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kronecker-factor statistics (src/optim/kron.rs, ema_update): F ← EMA(F, S) in place.
+// Kronecker-factor statistics (src/optim/math/kron.rs, ema_update): F ← EMA(F, S) in place.
 // out: F; in: S. s: x, y, form with
 //   form 0: F + x·(S − F)          (lerp, weight x < 0.5)
 //   form 1: S − (S − F)·x          (lerp, x = 1 − weight)
@@ -360,7 +360,7 @@ __device__ void factor_ema(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SOAP (src/optim/soap.rs): the elementwise passes around the rotations, which are matrix
+// SOAP (src/optim/algorithms/soap.rs): the elementwise passes around the rotations, which are matrix
 // products.
 // Several EMAs of one input, m_j ← d_j·m_j + w_j·g: SOAP's original-space moments
 // (update_moments) and the runner's weight averages (ewa::update_typed).
@@ -435,7 +435,7 @@ __device__ void column_dots(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SGD (src/optim/sgd.rs, Sgd::step_typed). Exactly one decay is active (decay = 1 − lr·wd with
+// SGD (src/optim/algorithms/sgd.rs, Sgd::step_typed). Exactly one decay is active (decay = 1 − lr·wd with
 // l2 = 0, or decay = 1 with l2 = wd).
 // Without momentum: out: p; in: g. s: decay, sign, l2, lr
 template <typename T>
@@ -470,7 +470,7 @@ __device__ void sgd_momentum(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SophiaG (src/optim/sophia.rs). Update: out: p, m; in: g, h.
+// SophiaG (src/optim/algorithms/sophia.rs). Update: out: p, m; in: g, h.
 // s: decay, neg_lr, b1, c1, scale (ρ·bs), floor, sgn (−1 when maximizing)
 __device__ __forceinline__ float min_of(float a, float b) { return fminf(a, b); }
 __device__ __forceinline__ double min_of(double a, double b) { return fmin(a, b); }
@@ -506,7 +506,7 @@ __device__ void sophia_hessian(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shampoo (src/optim/shampoo.rs). Its lerp takes the weight and its complement, both rounded
+// Shampoo (src/optim/algorithms/shampoo/). Its lerp takes the weight and its complement, both rounded
 // from f64 by the caller, and picks the form on the f64 weight (flag `small`: w < 0.5).
 template <typename T>
 __device__ __forceinline__ T lerp_split(T a, T b, T w, T omw, bool small) {
@@ -603,7 +603,7 @@ __device__ void add_scaled(const Args<T>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// MARS (src/optim/mars.rs, Mars::mars_typed pass 2 and 3). The corrected gradient
+// MARS (src/optim/algorithms/mars.rs, Mars::mars_typed pass 2 and 3). The corrected gradient
 // c = (g − last)·coef + g, divided by its norm when clipping. last ← g afterwards when
 // approximate.
 template <typename T>
@@ -758,3 +758,305 @@ ENTRY(mars_momentum, mars_momentum)
 ENTRY(mars_apply, mars_apply)
 ENTRY(scale_by, scale_by)
 ENTRY(column_dots, column_dots)
+
+// ---------------------------------------------------------------------------------------------
+// Adafactor (src/optim/algorithms/adafactor.rs torch form, src/optim/algorithms/adafactor_hf.rs HF form; the twins
+// are `adafactor::cpu_pass` and the helpers it calls). One step of one parameter of n elements
+// is a sequence of launches that share one argument block (except `adafactor_scale`) and one
+// f64 workspace, so no statistic leaves the device:
+//   factored (aux = rows, cols > 0; batch = n / (rows·cols) matrices):
+//     adafactor_row_partials → adafactor_col_partials → adafactor_cols → adafactor_rows →
+//     adafactor_sumsq → adafactor_scale → adafactor_apply
+//   full (aux = 0, 0; v has n elements): adafactor_sumsq → adafactor_scale → adafactor_apply
+// Every sum is in f64 and in a fixed order that does not depend on the grid, and the CPU twin
+// sums in the same order, so kernel and twin agree bit for bit:
+//   block sum   thread t adds elements t, t + 256, … in turn, then the 256 lanes are folded
+//               pairwise (lane t += lane t + w for w = 128, 64, …, 1)  [af_block_sum]
+//   row sums    sequential over each chunk of AF_PART columns, then the chunks in order
+//   column sums sequential over each chunk of AF_PART rows, then the chunks in order
+//   row means   one block sum per matrix over its rows, divided by rows
+//   Σp², Σu²    one block sum per chunk of AF_CHUNK consecutive elements, then a block sum of
+//               the chunk partials
+// out: p, r (or v), c (or null), m (HF first moment, or null); in: g.
+// s (T): torch  variant = 0, w, eps1, eps1², sign, decay, has_decay
+//        HF     variant = 1, b2, c2, eps1, b1, c1, has_momentum, has_decay
+// Workspace (f64): 4 slots (torch: step scale; HF: lr_t, decay, den, RMS(p)), row means
+// [batch], Σp² partials [chunks], Σu² partials [chunks], row partials
+// [batch·rows·col_chunks], column partials [batch·row_chunks·cols] (src/launch.rs,
+// AdafactorPlan). The row and column sums need no barrier, so a step has few blocks that
+// synchronize (one per matrix, one per chunk, one), which also keeps the host emulation fast.
+
+#define AF_THREADS 256
+#define AF_CHUNK 8192
+#define AF_PART 64
+
+struct AfLayout {
+    unsigned long long n, rows, cols, batch, chunks, row_chunks, col_chunks;
+    double* slots;
+    double* mean;
+    double* p_part;
+    double* u_part;
+    double* row_part;
+    double* col_part;
+};
+
+template <typename T>
+__device__ AfLayout af_layout(const Args<T>& a) {
+    AfLayout l;
+    l.n = a.n;
+    l.rows = a.aux[0];
+    l.cols = a.aux[1];
+    l.batch = l.rows * l.cols > 0 ? l.n / (l.rows * l.cols) : 0;
+    l.chunks = (l.n + AF_CHUNK - 1) / AF_CHUNK;
+    l.row_chunks = (l.rows + AF_PART - 1) / AF_PART;
+    l.col_chunks = (l.cols + AF_PART - 1) / AF_PART;
+    l.slots = a.scratch;
+    l.mean = l.slots + 4;
+    l.p_part = l.mean + l.batch;
+    l.u_part = l.p_part + l.chunks;
+    l.row_part = l.u_part + l.chunks;
+    l.col_part = l.row_part + l.batch * l.rows * l.col_chunks;
+    return l;
+}
+
+// The fold of a block sum: every thread passes its lane, every thread gets the total. Starts
+// and ends with a barrier so that `acc` can be reused right away.
+__device__ double af_block_sum(double v, double* acc) {
+    __syncthreads();
+    acc[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+        __syncthreads();
+    }
+    const double total = acc[0];
+    __syncthreads();
+    return total;
+}
+
+// The summand of the factored statistics: torch g² in f64, HF g² + ε1 in T.
+template <typename T>
+__device__ __forceinline__ double af_sq(T g, bool hf, T eps1) {
+    if (hf) return (double)(g * g + eps1);
+    const double x = (double)g;
+    return x * x;
+}
+
+// Row partials: thread k = row·col_chunks + q sums columns q·AF_PART.. of its row in order.
+template <typename T>
+__device__ void adafactor_row_partials(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T eps1 = hf ? a.s[3] : a.s[2];
+    const T* g = a.in[0];
+    GRID_STRIDE(k, l.batch * l.rows * l.col_chunks) {
+        const unsigned long long row = k / l.col_chunks, q = k % l.col_chunks;
+        unsigned long long hi = (q + 1) * AF_PART;
+        if (hi > l.cols) hi = l.cols;
+        double s = 0.0;
+        for (unsigned long long j = q * AF_PART; j < hi; ++j) {
+            s += af_sq(g[row * l.cols + j], hf, eps1);
+        }
+        l.row_part[k] = s;
+    }
+}
+
+// Column partials: thread k = (b·row_chunks + q)·cols + j sums rows q·AF_PART.. of column
+// j of matrix b in order.
+template <typename T>
+__device__ void adafactor_col_partials(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T eps1 = hf ? a.s[3] : a.s[2];
+    const T* g = a.in[0];
+    GRID_STRIDE(k, l.batch * l.row_chunks * l.cols) {
+        const unsigned long long j = k % l.cols, q = k / l.cols;
+        const unsigned long long b = q / l.row_chunks, c = q % l.row_chunks;
+        unsigned long long hi = (c + 1) * AF_PART;
+        if (hi > l.rows) hi = l.rows;
+        double s = 0.0;
+        for (unsigned long long i = c * AF_PART; i < hi; ++i) {
+            s += af_sq(g[(b * l.rows + i) * l.cols + j], hf, eps1);
+        }
+        l.col_part[k] = s;
+    }
+}
+
+// Column factor: thread k = b·cols + j folds its partials and updates c[k].
+template <typename T>
+__device__ void adafactor_cols(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* c = a.out[2];
+    GRID_STRIDE(k, l.batch * l.cols) {
+        const unsigned long long j = k % l.cols, b = k / l.cols;
+        double s = 0.0;
+        for (unsigned long long q = 0; q < l.row_chunks; ++q) {
+            s += l.col_part[(b * l.row_chunks + q) * l.cols + j];
+        }
+        const T x = (T)(s / (double)l.rows);
+        c[k] = hf ? a.s[1] * c[k] + a.s[2] * x : lerp(c[k], x, a.s[1]);
+    }
+}
+
+// Row factor and its mean: block-stride over the batch matrices; block b folds the row
+// partials of matrix b, updates its r and stores the mean of the new values.
+template <typename T>
+__device__ void adafactor_rows(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* r = a.out[1];
+    for (unsigned long long b = blockIdx.x; b < l.batch; b += gridDim.x) {
+        double s = 0.0;
+        for (unsigned long long i = threadIdx.x; i < l.rows; i += blockDim.x) {
+            const unsigned long long k = b * l.rows + i;
+            double rs = 0.0;
+            for (unsigned long long q = 0; q < l.col_chunks; ++q) {
+                rs += l.row_part[k * l.col_chunks + q];
+            }
+            const T x = (T)(rs / (double)l.cols);
+            const T rk = hf ? a.s[1] * r[k] + a.s[2] * x : lerp(r[k], x, a.s[1]);
+            r[k] = rk;
+            s += (double)rk;
+        }
+        const double total = af_block_sum(s, acc);
+        if (threadIdx.x == 0) l.mean[b] = total / (double)l.rows;
+    }
+}
+
+// U at element k (after the second-moment update; full: from v[k]).
+template <typename T>
+__device__ __forceinline__ T af_u(const Args<T>& a, const AfLayout& l, unsigned long long k) {
+    const bool hf = a.s[0] != T(0);
+    const T gk = a.in[0][k];
+    const T* rv = a.out[1];
+    if (l.batch == 0) {
+        if (hf) return T(1) / root(rv[k]) * gk;
+        return a.s[4] * gk / root(max_of(rv[k], a.s[3]));
+    }
+    const unsigned long long row = k / l.cols, j = k % l.cols, b = row / l.rows;
+    const T ck = a.out[2][b * l.cols + j];
+    if (hf) {
+        const T mean = (T)l.mean[b];
+        const T row_f = T(1) / root(rv[row] / mean);
+        const T col_f = T(1) / root(ck);
+        return row_f * col_f * gk;
+    }
+    const T norm = max_of((T)l.mean[b], a.s[2]);
+    const T v = rv[row] * ck / norm;
+    return a.s[4] * gk / root(max_of(v, a.s[3]));
+}
+
+// Σp² and Σu² partials: block q sums chunk q. Full storage updates v here, before its U.
+template <typename T>
+__device__ void adafactor_sumsq(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    const T* p = a.out[0];
+    T* v = a.out[1];
+    const T* g = a.in[0];
+    const unsigned long long q = blockIdx.x, lo = q * AF_CHUNK;
+    unsigned long long hi = lo + AF_CHUNK;
+    if (hi > l.n) hi = l.n;
+    double sp = 0.0, su = 0.0;
+    for (unsigned long long k = lo + threadIdx.x; k < hi; k += blockDim.x) {
+        const double pk = (double)p[k];
+        sp += pk * pk;
+        if (l.batch == 0) {
+            if (hf) {
+                const T gk = g[k];
+                v[k] = a.s[1] * v[k] + a.s[2] * (gk * gk + a.s[3]);
+            } else {
+                const T gk = a.s[4] * g[k];
+                v[k] = lerp(v[k], gk * gk, a.s[1]);
+            }
+        }
+        const double u = (double)af_u(a, l, k);
+        su += u * u;
+    }
+    const double tp = af_block_sum(sp, acc);
+    const double tu = af_block_sum(su, acc);
+    if (threadIdx.x == 0) {
+        l.p_part[q] = tp;
+        l.u_part[q] = tu;
+    }
+}
+
+// The step's scalars from Σp² and Σu², in f64 (launched as adafactor_scale_f64 for either
+// parameter dtype: it only touches the workspace, and out[0], HF's f64 RMS(p) state, when not
+// null). One block. n, aux as the other launches.
+// s: torch  variant = 0, eps2, rho, d, to_f32
+//    HF     variant = 1, eps2, rho, clip_threshold, to_f32, weight_decay, scale_parameter
+// to_f32 ≠ 0 rounds the stored scalars to f32 (the T::of of the twin for f32 parameters).
+template <typename T>
+__device__ void adafactor_scale(const Args<T>& a) {
+    __shared__ double acc[AF_THREADS];
+    const AfLayout l = af_layout(a);
+    double sp = 0.0, su = 0.0;
+    for (unsigned long long q = threadIdx.x; q < l.chunks; q += blockDim.x) {
+        sp += l.p_part[q];
+        su += l.u_part[q];
+    }
+    const double p_ss = af_block_sum(sp, acc);
+    const double u_ss = af_block_sum(su, acc);
+    if (threadIdx.x != 0) return;
+    const bool hf = (double)a.s[0] != 0.0, to_f32 = (double)a.s[4] != 0.0;
+    const double eps2 = (double)a.s[1], rho = (double)a.s[2], d = (double)a.s[3];
+    const double sqrt_numel = sqrt((double)l.n);
+    if (!hf) {
+        const double alpha = fmax(eps2, sqrt(p_ss) / sqrt_numel) * rho;
+        const double den = fmax(sqrt(u_ss) / (sqrt_numel * d), 1.0);
+        const double s = -alpha / den;
+        l.slots[0] = to_f32 ? (double)(float)s : s;
+        return;
+    }
+    const double wd = (double)a.s[5];
+    const double rms = sqrt(p_ss) / sqrt_numel;
+    const double scale = (double)a.s[6] != 0.0 ? fmax(eps2, rms) : 1.0;
+    const double lr_t = rho * scale;
+    const double decay = -wd * lr_t;
+    const double den = fmax(sqrt(u_ss) / sqrt_numel / d, 1.0);
+    l.slots[0] = to_f32 ? (double)(float)lr_t : lr_t;
+    l.slots[1] = to_f32 ? (double)(float)decay : decay;
+    l.slots[2] = to_f32 ? (double)(float)den : den;
+    l.slots[3] = rms;
+    if (a.out[0]) a.out[0][0] = (T)rms;
+}
+
+// The update. torch: p ← p·decay + s·U. HF: U·lr_t/den through the momentum, coupled decay.
+template <typename T>
+__device__ void adafactor_apply(const Args<T>& a) {
+    const AfLayout l = af_layout(a);
+    const bool hf = a.s[0] != T(0);
+    T* p = a.out[0];
+    T* m = a.out[3];
+    GRID_STRIDE(k, l.n) {
+        const T u = af_u(a, l, k);
+        if (!hf) {
+            const T s = (T)l.slots[0];
+            const T pk = a.s[6] != T(0) ? p[k] * a.s[5] : p[k];
+            p[k] = pk + s * u;
+            continue;
+        }
+        const T lr_t = (T)l.slots[0], decay = (T)l.slots[1], den = (T)l.slots[2];
+        T step = u / den * lr_t;
+        if (a.s[6] != T(0)) {
+            const T mk = a.s[4] * m[k] + a.s[5] * step;
+            m[k] = mk;
+            step = mk;
+        }
+        T pk = p[k];
+        if (a.s[7] != T(0)) pk = pk + decay * pk;
+        p[k] = pk - step;
+    }
+}
+
+ENTRY(adafactor_row_partials, adafactor_row_partials)
+ENTRY(adafactor_col_partials, adafactor_col_partials)
+ENTRY(adafactor_cols, adafactor_cols)
+ENTRY_SYNC(adafactor_rows, adafactor_rows)
+ENTRY_SYNC(adafactor_sumsq, adafactor_sumsq)
+ENTRY_SYNC(adafactor_scale, adafactor_scale)
+ENTRY(adafactor_apply, adafactor_apply)

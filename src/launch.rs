@@ -212,7 +212,157 @@ pub const KERNEL_NAMES: &[&str] = &[
     "mars_apply",
     "scale_by",
     "column_dots",
+    "adafactor_row_partials",
+    "adafactor_col_partials",
+    "adafactor_cols",
+    "adafactor_rows",
+    "adafactor_sumsq",
+    "adafactor_scale",
+    "adafactor_apply",
 ];
+
+/// Elements per partial sum of Adafactor's Σp² and Σu² (`AF_CHUNK` in kernels/fused.cu).
+pub const ADAFACTOR_CHUNK: usize = 8192;
+/// Rows per partial column sum, and columns per partial row sum, of Adafactor's factored
+/// statistics (`AF_PART`).
+pub const ADAFACTOR_PART: usize = 64;
+/// f64 slots at the start of Adafactor's workspace (the step's scalars).
+const ADAFACTOR_SLOTS: usize = 4;
+
+/// Adafactor's launches for one parameter of `n` elements (the order and workspace layout of
+/// the `adafactor_*` kernels in kernels/fused.cu): factored over `batch` matrices of `rows ×
+/// cols`, or full (`rows = cols = 0`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdafactorPlan {
+    /// Elements of the parameter.
+    pub n: usize,
+    /// Matrices (0 for full storage).
+    pub batch: usize,
+    /// Rows per matrix (0 for full storage).
+    pub rows: usize,
+    /// Columns per matrix (0 for full storage).
+    pub cols: usize,
+}
+
+/// One launch of an Adafactor step: in the parameter's dtype, or (the step's scalars, which
+/// only touch the f64 workspace) always in f64.
+#[derive(Debug, Clone, Copy)]
+pub enum AdafactorLaunch<T> {
+    /// `name_{f32,f64}` by the parameter's dtype.
+    Typed(&'static str, usize, Args<T>),
+    /// `name_f64`.
+    Wide(&'static str, usize, Args<f64>),
+}
+
+impl AdafactorPlan {
+    /// The plan, or `None` when there is nothing to do. `factored` is `(batch, rows, cols)`.
+    pub fn new(n: usize, factored: Option<(usize, usize, usize)>) -> Option<Self> {
+        if n == 0 {
+            return None;
+        }
+        let (batch, rows, cols) = factored.unwrap_or((0, 0, 0));
+        Some(Self {
+            n,
+            batch,
+            rows,
+            cols,
+        })
+    }
+
+    /// Chunks of Σp² and Σu².
+    pub fn chunks(&self) -> usize {
+        self.n.div_ceil(ADAFACTOR_CHUNK)
+    }
+
+    /// Partial column sums per column.
+    pub fn row_chunks(&self) -> usize {
+        self.rows.div_ceil(ADAFACTOR_PART)
+    }
+
+    /// Partial row sums per row.
+    pub fn col_chunks(&self) -> usize {
+        self.cols.div_ceil(ADAFACTOR_PART)
+    }
+
+    /// f64 elements of the workspace: slots, row means, two chunk partials, row partials, column
+    /// partials.
+    pub fn scratch_len(&self) -> usize {
+        ADAFACTOR_SLOTS
+            + self.batch
+            + 2 * self.chunks()
+            + self.batch * self.rows * self.col_chunks()
+            + self.batch * self.row_chunks() * self.cols
+    }
+
+    /// The kernels' output slots (p, r or v, c or 0, m or 0) from the addresses `o` of the
+    /// outputs present, in that order.
+    pub fn out_slots(o: &[u64], has_c: bool, has_m: bool) -> Result<[u64; 4]> {
+        let want = 2 + usize::from(has_c) + usize::from(has_m);
+        if o.len() != want {
+            return Err(Error::Msg(format!(
+                "adafactor: {} outputs, expected {want}",
+                o.len()
+            )));
+        }
+        let mut rest = o[2..].iter();
+        let mut next = |present: bool| if present { rest.next().copied() } else { None };
+        let c = next(has_c).unwrap_or(0);
+        let m = next(has_m).unwrap_or(0);
+        Ok([o[0], o[1], c, m])
+    }
+
+    /// The launches in order for outputs `o` = (p, r or v, c or 0, m or 0), input `i` = (g),
+    /// the workspace at `scratch`, the f64 0-D tensor that receives RMS(p) at `rms` (or 0),
+    /// the kernels' scalars `s` and the step scalars' `wide` (see kernels/fused.cu for both
+    /// lists).
+    pub fn launches<T: Float>(
+        &self,
+        o: &[u64; 4],
+        i: u64,
+        scratch: u64,
+        rms: u64,
+        s: &[T],
+        wide: &[f64],
+    ) -> Result<Vec<AdafactorLaunch<T>>> {
+        let mut a = Args::new(o, &[i], self.n, s)?;
+        a.scratch = scratch;
+        a.aux = [self.rows as u64, self.cols as u64];
+        let mut w = Args::<f64>::new(&[rms], &[], self.n, wide)?;
+        w.scratch = scratch;
+        w.aux = a.aux;
+        let mut out = Vec::with_capacity(7);
+        if self.batch > 0 {
+            out.push(AdafactorLaunch::Typed(
+                "adafactor_row_partials",
+                elementwise_blocks(self.batch * self.rows * self.col_chunks()),
+                a,
+            ));
+            out.push(AdafactorLaunch::Typed(
+                "adafactor_col_partials",
+                elementwise_blocks(self.batch * self.row_chunks() * self.cols),
+                a,
+            ));
+            out.push(AdafactorLaunch::Typed(
+                "adafactor_cols",
+                elementwise_blocks(self.batch * self.cols),
+                a,
+            ));
+            out.push(AdafactorLaunch::Typed(
+                "adafactor_rows",
+                self.batch.min(MAX_BLOCKS),
+                a,
+            ));
+        }
+        out.push(AdafactorLaunch::Typed("adafactor_sumsq", self.chunks(), a));
+        out.push(AdafactorLaunch::Wide("adafactor_scale", 1, w));
+        out.push(AdafactorLaunch::Typed(
+            "adafactor_apply",
+            elementwise_blocks(self.n),
+            a,
+        ));
+        Ok(out)
+    }
+}
 
 #[cfg(optlab_emulate_kernels)]
 pub mod emulate;
@@ -240,6 +390,15 @@ mod tests {
                 "no entry point for {name}"
             );
         }
+    }
+
+    #[test]
+    fn adafactor_constants_match_the_kernels() {
+        let src = include_str!("../kernels/fused.cu");
+        assert!(src.contains(&format!("#define AF_CHUNK {ADAFACTOR_CHUNK}\n")));
+        assert!(src.contains(&format!("#define AF_PART {ADAFACTOR_PART}\n")));
+        assert!(src.contains(&format!("#define AF_THREADS {THREADS}\n")));
+        assert!(src.contains(&format!("l.mean = l.slots + {ADAFACTOR_SLOTS};")));
     }
 
     #[test]

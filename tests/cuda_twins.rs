@@ -1078,3 +1078,30 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Adafactor (torch and HF) on the device: the `adafactor_*` kernels, no host copy. Besides the
+/// shared cases: leading batch dims (more matrices than one grid has blocks), a 0-D parameter,
+/// single rows and columns, many partial-sum chunks and a tensor larger than one grid.
+#[test]
+fn adafactor_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    twins_of(&dev, "adafactor");
+    twins_of(&dev, "adafactor_hf");
+    let shapes: &[(&str, &[usize])] = &[
+        ("a", &[3, 70, 5]),
+        ("b", &[70_000, 1, 2]),
+        ("c", &[2, 3, 4, 5]),
+        ("d", &[]),
+        ("e", &[1, 9]),
+        ("f", &[9, 1]),
+        ("g", &[130, 3]),
+        ("h", &[4099, 4097]),
+        ("i", &[(1 << 24) + 3]),
+    ];
+    for toml in [
+        "name = \"adafactor\"\nlr = 0.05\nweight_decay = 0.1",
+        "name = \"adafactor_hf\"\nbeta1 = 0.9\nweight_decay = 0.01",
+    ] {
+        twin(&dev, toml, shapes, 2);
+    }
+}

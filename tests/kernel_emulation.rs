@@ -1,7 +1,7 @@
 //! The fused CUDA kernels, compiled as host C++ and run as the GPU would (every block, every
 //! thread), against their plain-Rust twins: no GPU needed. Built only with
 //! `OPTLAB_EMULATE_KERNELS=1` at build time (needs a C++20 compiler; see
-//! src/kernels/emulate.rs), e.g. `OPTLAB_EMULATE_KERNELS=1 cargo test --test kernel_emulation`.
+//! src/launch/emulate.rs), e.g. `OPTLAB_EMULATE_KERNELS=1 cargo test --test kernel_emulation`.
 //!
 //! Each case runs the same steps twice on the CPU, once through the twins and once through the
 //! emulated kernels (same kernel names, scalar lists and launch shapes as on the GPU), and
@@ -339,5 +339,64 @@ fn weight_averages_match_their_twins() {
             }
         }
         assert!(launch_count() > before, "the kernels did not run");
+    }
+}
+
+#[test]
+fn adafactor_batched_and_scalar_shapes_match_their_twins() {
+    // Leading batch dims (independent factors per matrix), a 0-D parameter, a single row and
+    // column, and more rows or columns than one partial-sum chunk; the KERNEL_SHAPES cases
+    // cover the rest.
+    let shapes: &[(&str, &[usize])] = &[
+        ("a", &[3, 70, 5]),
+        ("b", &[40, 1, 2]),
+        ("c", &[2, 3, 4, 5]),
+        ("d", &[]),
+        ("e", &[1, 9]),
+        ("f", &[9, 1]),
+        ("g", &[130, 3]),
+    ];
+    let cases = [
+        "name = \"adafactor\"\nlr = 0.05\nweight_decay = 0.1",
+        "name = \"adafactor\"\nlr = 2.0\nd = 0.5\nmaximize = true",
+        "name = \"adafactor_hf\"\nbeta1 = 0.9\nweight_decay = 0.01",
+        "name = \"adafactor_hf\"\nlr = 0.3\nrelative_step = false\nscale_parameter = false\nclip_threshold = 0.5",
+    ];
+    let vars = |dtype: DType| -> Vec<(String, Var)> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let t = common::tensor(70 + i as u64, shape, dtype);
+                (name.to_string(), Var::from_tensor(&t).unwrap())
+            })
+            .collect()
+    };
+    let grads = |dtype: DType, step: u64| -> BTreeMap<String, Tensor> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let g = common::tensor(500 * step + i as u64, shape, dtype);
+                (name.to_string(), g)
+            })
+            .collect()
+    };
+    for toml in cases {
+        let cfg = OptimConfig::from_toml(toml).unwrap();
+        for dtype in [DType::F32, DType::F64] {
+            let label = format!("{} {dtype:?}", toml.replace('\n', " "));
+            let mut twin =
+                Driver::new(cfg.clone(), NamedParams::new(vars(dtype)).unwrap()).unwrap();
+            let mut kernel =
+                Driver::new(cfg.clone(), NamedParams::new(vars(dtype)).unwrap()).unwrap();
+            for s in 1..=3 {
+                twin.step_named(&grads(dtype, s)).unwrap();
+                let before = launch_count();
+                with_emulation(|| kernel.step_named(&grads(dtype, s))).unwrap();
+                assert!(launch_count() - before > 3 * shapes.len() as u64);
+                compare(&format!("{label} step {s}"), &twin, &kernel, 0.0);
+            }
+        }
     }
 }

@@ -23,7 +23,10 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKern
 
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::launch::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
+use crate::launch::{
+    check_sizes, elementwise_blocks, AdafactorLaunch, AdafactorPlan, AdalayerPlan, Args, RawLaunch,
+    THREADS,
+};
 
 /// PTX of `kernels/fused.cu`.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -122,7 +125,7 @@ pub fn launch_raw<T: Float>(
 }
 
 /// Runs an elementwise body that has no kernel (a [`zip_mut`](crate::fused::zip_mut)
-/// body of Adafactor or MARS with AMSGrad) on host copies of CUDA operands,
+/// body of MARS with AMSGrad) on host copies of CUDA operands,
 /// then writes the outputs back: every optimizer works on the GPU, the passes without kernels at
 /// the cost of two transfers each. The arithmetic is the CPU path's, so results equal the CPU's.
 pub fn on_host<T: Float>(
@@ -164,7 +167,7 @@ pub fn on_host<T: Float>(
     Ok(())
 }
 
-/// Adalayer's update on the device (the twin of `Plan::apply` in `src/optim/adalayer.rs`):
+/// Adalayer's update on the device (the twin of `Plan::apply` in `src/optim/algorithms/adalayer.rs`):
 /// `p` and `m` of `n` elements, `v` of `nb` block scalars (blocks of `n / nb` consecutive
 /// elements), `g` of `n` elements. With `w2` the block statistics are folded into `v` first.
 /// `s` = (w1, decay, neg_step, bc2_sqrt, eps).
@@ -538,6 +541,49 @@ pub fn with_device_ptrs<T: Float>(
         &mut ptrs,
         &mut launch,
     )
+}
+
+/// Adafactor's step on the device (the twin of `adafactor::run_pass`'s CPU path): the
+/// [`AdafactorPlan`] launches over `outs` = (p, r or v, c if `has.0`, m if `has.1`) and `g`,
+/// with one f64 workspace; RMS(p) goes to the f64 0-D tensor `rms` when given. Everything is
+/// queued on the device's stream: no copy to the host, no wait.
+pub fn adafactor<T: Float>(
+    plan: &AdafactorPlan,
+    outs: &[&Tensor],
+    has: (bool, bool),
+    g: &Tensor,
+    rms: Option<&Tensor>,
+    s: &[T],
+    wide: &[f64],
+) -> Result<()> {
+    check_sizes("adafactor", plan.n, &[outs[0], g])?;
+    with_device_ptrs::<T>(outs, &[g], |dev, o, i| {
+        let o = AdafactorPlan::out_slots(o, has.0, has.1)?;
+        let mut scratch = dev.alloc_zeros::<f64>(plan.scratch_len())?;
+        let stream = dev.cuda_stream();
+        let (scratch_ptr, _sync) = scratch.device_ptr_mut(&stream);
+        let run = |rms_ptr: u64| -> Result<()> {
+            for l in plan.launches(&o, i[0], scratch_ptr, rms_ptr, s, wide)? {
+                // SAFETY: `AdafactorPlan` sizes the workspace for every region the kernels
+                // index (kernels/fused.cu, `af_layout`); p, g (and m) hold n elements, r/c
+                // batch·rows / batch·cols or v n (checked by `with_device_ptrs` against the
+                // state shapes the rule created), `rms` one f64.
+                match l {
+                    AdafactorLaunch::Typed(name, blocks, args) => unsafe {
+                        launch::<T>(dev, name, blocks, &args)?
+                    },
+                    AdafactorLaunch::Wide(name, blocks, args) => unsafe {
+                        launch::<f64>(dev, name, blocks, &args)?
+                    },
+                }
+            }
+            Ok(())
+        };
+        match rms {
+            Some(t) => with_device_ptrs::<f64>(&[t], &[], |_, r, _| run(r[0])),
+            None => run(0),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::float::{host_slices, Float};
-use crate::launch::{check_sizes, elementwise_blocks, AdalayerPlan, Args, RawLaunch, THREADS};
+use crate::launch::{
+    check_sizes, elementwise_blocks, AdafactorLaunch, AdafactorPlan, AdalayerPlan, Args, RawLaunch,
+    THREADS,
+};
 
 extern "C" {
     fn optlab_emulate_launch(
@@ -158,4 +161,43 @@ pub fn all_finite<T: Float>(t: &Tensor) -> Result<bool> {
         unsafe { launch("nonfinite", elementwise_blocks(n), &args) }
     })?;
     Ok(flag[0] == 0.0)
+}
+
+/// The emulated twin of [`crate::cuda::adafactor`] on CPU tensors.
+pub fn adafactor<T: Float>(
+    plan: &AdafactorPlan,
+    outs: &[&Tensor],
+    has: (bool, bool),
+    g: &Tensor,
+    rms: Option<&Tensor>,
+    s: &[T],
+    wide: &[f64],
+) -> Result<()> {
+    check_sizes("adafactor", plan.n, &[outs[0], g])?;
+    let mut scratch = vec![0.0f64; plan.scratch_len()];
+    let scratch_ptr = scratch.as_mut_ptr() as u64;
+    host_slices::<T>(outs, &[g], |o, i| {
+        let o: Vec<u64> = o.iter_mut().map(|s| s.as_mut_ptr() as u64).collect();
+        let o = AdafactorPlan::out_slots(&o, has.0, has.1)?;
+        let i = i[0].as_ptr() as u64;
+        let run = |rms_ptr: u64| -> Result<()> {
+            for l in plan.launches(&o, i, scratch_ptr, rms_ptr, s, wide)? {
+                // SAFETY: as for the CUDA launches; the slices stay borrowed by `zip_mut` and
+                // the workspace holds scratch_len f64.
+                match l {
+                    AdafactorLaunch::Typed(name, blocks, args) => unsafe {
+                        launch::<T>(name, blocks, &args)?
+                    },
+                    AdafactorLaunch::Wide(name, blocks, args) => unsafe {
+                        launch::<f64>(name, blocks, &args)?
+                    },
+                }
+            }
+            Ok(())
+        };
+        match rms {
+            Some(t) => host_slices::<f64>(&[t], &[], |r, _| run(r[0].as_mut_ptr() as u64)),
+            None => run(0),
+        }
+    })
 }

@@ -241,6 +241,27 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
             "lr = 0.01\nnormalize_grads = true\ncorrect_bias = false\nprecondition_1d = true",
             3,
         ),
+        // Adafactor (torch): factored matrices and full vectors, decoupled decay; then a large
+        // lr (ρ_t = 1/√t), a small d (the update clipping bites), a tiny ε1 and maximize.
+        ("adafactor", "lr = 0.05\nweight_decay = 0.1", 3),
+        (
+            "adafactor",
+            "lr = 2.0\nd = 0.5\neps1 = 1e-20\nbeta2_decay = -0.5\nmaximize = true",
+            3,
+        ),
+        // Adafactor (HF): relative step with parameter scaling (the defaults); warm-up init with
+        // the first moment and decay; an external lr without scaling, clipping below 1.
+        ("adafactor_hf", "", 3),
+        (
+            "adafactor_hf",
+            "warmup_init = true\nbeta1 = 0.9\nweight_decay = 0.01",
+            3,
+        ),
+        (
+            "adafactor_hf",
+            "lr = 0.3\nrelative_step = false\nscale_parameter = false\nclip_threshold = 0.5\nbeta1 = 0.8\nweight_decay = 0.05",
+            3,
+        ),
     ];
     cases
         .iter()

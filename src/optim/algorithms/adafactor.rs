@@ -32,17 +32,21 @@
 //! TOML-friendly (TOML has no null). Reference: torch 2.15 `torch/optim/_adafactor.py`
 //! (`_single_tensor_adafactor`; the foreach path computes the same).
 //!
-//! CPU work per parameter is one [`zip_mut`] call: one sweep over p and g for RMS(p) and the
-//! row/column sums (factored) or the moment update (full), one for RMS(U) when factored, and one
-//! that applies the update. U is recomputed instead of stored, so no parameter-sized temporary
-//! is allocated.
+//! One step of one parameter is [`run_pass`], shared with the HF variant: on a CUDA device the
+//! `adafactor_*` kernels of kernels/fused.cu (row sums, column partials, the factor updates
+//! with the row means, Σp² and Σu² by chunks, the step's scalars, the update; for a full
+//! second moment only the last three), queued without a copy to the host or a wait; on the
+//! CPU their twin, one [`zip_mut`] call that sums in the kernels' fixed order ([`block_sum`],
+//! [`chunked_sums`], [`factored_sums`]) so that both agree bit for bit. U is recomputed
+//! instead of stored, so no parameter-sized temporary is allocated.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
+use crate::launch::{check_sizes, AdafactorPlan, ADAFACTOR_CHUNK, ADAFACTOR_PART};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{flag, zip_mut, Float};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -101,9 +105,56 @@ pub fn col_factor_shape(shape: &[usize], keepdim: bool) -> Vec<usize> {
     s
 }
 
+/// Lanes of the fixed-order sums: the kernels' threads per block.
+const LANES: usize = crate::launch::THREADS as usize;
+
+/// `Σ f(k)` for `k < len` in the order of one kernel block (`af_block_sum` in
+/// kernels/fused.cu): lane `k mod LANES` adds its terms in increasing `k`, then the lanes are
+/// folded pairwise (lane `t` += lane `t + w` for `w = LANES/2, …, 1`). The CPU path sums in
+/// this order so that it stays the bit-exact twin of the kernels.
+pub fn block_sum(len: usize, mut f: impl FnMut(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    for k in 0..len {
+        acc[k % LANES] += f(k);
+    }
+    fold_lanes(acc)
+}
+
+fn fold_lanes(mut acc: [f64; LANES]) -> f64 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for t in 0..w {
+            acc[t] += acc[t + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `(Σ a(k), Σ b(k))` for `k < n` with `(a, b) = f(k)`, each in the kernels' order: a
+/// [`block_sum`] over every chunk of [`ADAFACTOR_CHUNK`] consecutive elements, then a
+/// [`block_sum`] of the chunk partials. `f` is called once per `k`, in increasing order.
+pub fn chunked_sums(n: usize, mut f: impl FnMut(usize) -> (f64, f64)) -> (f64, f64) {
+    let chunks = n.div_ceil(ADAFACTOR_CHUNK);
+    let (mut pa, mut pb) = (Vec::with_capacity(chunks), Vec::with_capacity(chunks));
+    for q in 0..chunks {
+        let lo = q * ADAFACTOR_CHUNK;
+        let (mut a, mut b) = ([0.0f64; LANES], [0.0f64; LANES]);
+        for k in lo..n.min(lo + ADAFACTOR_CHUNK) {
+            let (x, y) = f(k);
+            a[k % LANES] += x;
+            b[k % LANES] += y;
+        }
+        pa.push(fold_lanes(a));
+        pb.push(fold_lanes(b));
+    }
+    (block_sum(chunks, |q| pa[q]), block_sum(chunks, |q| pb[q]))
+}
+
 /// Row and column sums of `f(x)` over each `rows × cols` matrix of a contiguous `[batch, rows,
-/// cols]` buffer, accumulated in f64: `(row sums [batch·rows], column sums [batch·cols])`. One
-/// sweep over `x`.
+/// cols]` buffer, in f64 and in the kernels' order: `(row sums [batch·rows], column sums
+/// [batch·cols])`. A row (column) sum adds the elements of each chunk of [`ADAFACTOR_PART`]
+/// columns (rows) in turn, then the chunk partials in turn.
 pub fn factored_sums<T: Float>(
     x: &[T],
     batch: usize,
@@ -111,37 +162,428 @@ pub fn factored_sums<T: Float>(
     cols: usize,
     f: impl Fn(T) -> f64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let mut row = vec![0.0; batch * rows];
+    let row: Vec<f64> = x
+        .chunks(cols.max(1))
+        .take(batch * rows)
+        .map(|xr| {
+            xr.chunks(ADAFACTOR_PART)
+                .fold(0.0, |s, part| s + part.iter().fold(0.0, |p, &xk| p + f(xk)))
+        })
+        .collect();
+    let row_chunks = rows.div_ceil(ADAFACTOR_PART);
+    let mut part = vec![0.0; batch * row_chunks * cols];
+    for b in 0..batch {
+        for i in 0..rows {
+            let q = b * row_chunks + i / ADAFACTOR_PART;
+            let start = (b * rows + i) * cols;
+            for (pj, &xk) in part[q * cols..(q + 1) * cols]
+                .iter_mut()
+                .zip(&x[start..start + cols])
+            {
+                *pj += f(xk);
+            }
+        }
+    }
     let mut col = vec![0.0; batch * cols];
     for b in 0..batch {
-        let col_b = &mut col[b * cols..(b + 1) * cols];
-        for i in 0..rows {
-            let start = (b * rows + i) * cols;
-            let mut acc = 0.0;
-            for (cj, &xk) in col_b.iter_mut().zip(&x[start..start + cols]) {
-                let y = f(xk);
-                acc += y;
-                *cj += y;
+        for (j, cj) in col[b * cols..(b + 1) * cols].iter_mut().enumerate() {
+            for q in 0..row_chunks {
+                *cj += part[(b * row_chunks + q) * cols + j];
             }
-            row[b * rows + i] = acc;
         }
     }
     (row, col)
 }
 
-/// Sum of squares of a slice, in f64.
-pub fn sum_sq_slice<T: Float>(x: &[T]) -> f64 {
-    x.iter()
-        .map(|v| {
-            let v = v.f64();
-            v * v
-        })
-        .sum()
+/// The per-step scalars of one Adafactor pass, for either variant: what the `adafactor_*`
+/// kernels take and what the CPU twin ([`run_pass`]) computes with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pass<T> {
+    /// torch (this module).
+    Torch {
+        /// w_t.
+        w: T,
+        /// ε1 and ε1².
+        eps1: T,
+        eps1_sq: T,
+        /// −1 to maximize, else 1.
+        sign: T,
+        /// 1 − lr·λ, when λ ≠ 0.
+        decay: Option<T>,
+        /// ε2, ρ_t, d.
+        eps2: f64,
+        rho: f64,
+        d: f64,
+    },
+    /// HF ([`adafactor_hf`](crate::optim::adafactor_hf)).
+    Hf {
+        /// β2_t and 1 − β2_t.
+        b2: T,
+        c2: T,
+        /// ε1 (added to g²).
+        eps1: T,
+        /// β1 and 1 − β1, with a first moment.
+        momentum: Option<(T, T)>,
+        /// ε2, ρ, clip threshold, λ.
+        eps2: f64,
+        rho: f64,
+        clip: f64,
+        wd: f64,
+        /// Scale by max(ε2, RMS(p)).
+        scale_parameter: bool,
+    },
 }
 
-/// Mean of a slice, accumulated in f64 (`len > 0`).
-pub fn mean_slice<T: Float>(x: &[T]) -> f64 {
-    x.iter().map(|v| v.f64()).sum::<f64>() / x.len() as f64
+/// What [`Pass::finish`] derives from Σp² and Σu².
+#[derive(Debug, Clone, Copy)]
+struct Finish<T> {
+    /// torch: the step scale −α / max(1, RMS(U)/d). HF: lr_t.
+    scale: T,
+    /// HF: −λ·lr_t.
+    decay: T,
+    /// HF: max(1, RMS(U)/clip).
+    den: T,
+    /// RMS(p).
+    rms: f64,
+}
+
+impl<T: Float> Pass<T> {
+    fn hf(&self) -> bool {
+        matches!(self, Pass::Hf { .. })
+    }
+
+    /// The summand of the factored statistics: torch g² in f64, HF g² + ε1 in T.
+    fn sq(&self, g: T) -> f64 {
+        match self {
+            Pass::Torch { .. } => {
+                let x = g.f64();
+                x * x
+            }
+            Pass::Hf { eps1, .. } => (g * g + *eps1).f64(),
+        }
+    }
+
+    /// A second-moment entry moved toward `x`.
+    fn moment(&self, old: T, x: T) -> T {
+        match *self {
+            Pass::Torch { w, .. } => lerp(old, x, w),
+            Pass::Hf { b2, c2, .. } => b2 * old + c2 * x,
+        }
+    }
+
+    /// Full storage: v updated from g, and U.
+    fn full(&self, v: &mut T, g: T) -> T {
+        match *self {
+            Pass::Torch { sign, .. } => {
+                let gk = sign * g;
+                *v = self.moment(*v, gk * gk);
+            }
+            Pass::Hf { eps1, .. } => *v = self.moment(*v, g * g + eps1),
+        }
+        self.u_full(*v, g)
+    }
+
+    /// Full storage: U from v.
+    fn u_full(&self, v: T, g: T) -> T {
+        match *self {
+            Pass::Torch { sign, eps1_sq, .. } => sign * g / fmax(v, eps1_sq).sqrt(),
+            Pass::Hf { .. } => T::one() / v.sqrt() * g,
+        }
+    }
+
+    /// Factored storage: the per-matrix divisor from the mean of its row factor (torch: the
+    /// clamped normaliser; HF: the mean itself).
+    fn norm(&self, mean: f64) -> T {
+        match *self {
+            Pass::Torch { eps1, .. } => fmax(T::of(mean), eps1),
+            Pass::Hf { .. } => T::of(mean),
+        }
+    }
+
+    /// The step's scalars from Σp² and Σu² over `n` elements (the `adafactor_scale` kernel).
+    fn finish(&self, n: usize, p_ss: f64, u_ss: f64) -> Finish<T> {
+        let sqrt_numel = (n as f64).sqrt();
+        let rms = p_ss.sqrt() / sqrt_numel;
+        match *self {
+            Pass::Torch { eps2, rho, d, .. } => {
+                let alpha = eps2.max(rms) * rho;
+                let den = (u_ss.sqrt() / (sqrt_numel * d)).max(1.0);
+                Finish {
+                    scale: T::of(-alpha / den),
+                    decay: T::zero(),
+                    den: T::one(),
+                    rms,
+                }
+            }
+            Pass::Hf {
+                eps2,
+                rho,
+                clip,
+                wd,
+                scale_parameter,
+                ..
+            } => {
+                let scale = if scale_parameter { eps2.max(rms) } else { 1.0 };
+                let lr_t = rho * scale;
+                Finish {
+                    scale: T::of(lr_t),
+                    decay: T::of(-wd * lr_t),
+                    den: T::of((u_ss.sqrt() / sqrt_numel / clip).max(1.0)),
+                    rms,
+                }
+            }
+        }
+    }
+
+    /// Moves one element by U.
+    fn apply(&self, p: &mut T, m: Option<&mut T>, u: T, f: &Finish<T>) {
+        match *self {
+            Pass::Torch { decay, .. } => {
+                let pk = match decay {
+                    Some(dc) => *p * dc,
+                    None => *p,
+                };
+                *p = pk + f.scale * u;
+            }
+            Pass::Hf { momentum, wd, .. } => {
+                let mut u = u / f.den * f.scale;
+                if let (Some(m), Some((b1, c1))) = (m, momentum) {
+                    *m = b1 * *m + c1 * u;
+                    u = *m;
+                }
+                let mut pk = *p;
+                if wd != 0.0 {
+                    pk = pk + f.decay * pk;
+                }
+                *p = pk - u;
+            }
+        }
+    }
+
+    /// The kernels' scalar lists: `s` in T and the step scalars in f64 (kernels/fused.cu).
+    #[cfg_attr(not(any(feature = "cuda", optlab_emulate_kernels)), allow(dead_code))]
+    fn kernel_scalars(&self) -> (Vec<T>, Vec<f64>) {
+        let to_f32 = if T::DTYPE == candle_core::DType::F32 {
+            1.0
+        } else {
+            0.0
+        };
+        match *self {
+            Pass::Torch {
+                w,
+                eps1,
+                eps1_sq,
+                sign,
+                decay,
+                eps2,
+                rho,
+                d,
+            } => (
+                vec![
+                    T::zero(),
+                    w,
+                    eps1,
+                    eps1_sq,
+                    sign,
+                    decay.unwrap_or(T::one()),
+                    flag(decay.is_some()),
+                ],
+                vec![0.0, eps2, rho, d, to_f32],
+            ),
+            Pass::Hf {
+                b2,
+                c2,
+                eps1,
+                momentum,
+                eps2,
+                rho,
+                clip,
+                wd,
+                scale_parameter,
+            } => {
+                let (b1, c1) = momentum.unwrap_or((T::zero(), T::zero()));
+                (
+                    vec![
+                        T::one(),
+                        b2,
+                        c2,
+                        eps1,
+                        b1,
+                        c1,
+                        flag(momentum.is_some()),
+                        flag(wd != 0.0),
+                    ],
+                    vec![
+                        1.0,
+                        eps2,
+                        rho,
+                        clip,
+                        to_f32,
+                        wd,
+                        flag::<f64>(scale_parameter),
+                    ],
+                )
+            }
+        }
+    }
+}
+
+/// The CPU twin of the `adafactor_*` launches over slices: `rv` is r (factored) or v (full),
+/// `c` the column factor (factored), `m` the HF first moment. Returns RMS(p) before the step.
+fn cpu_pass<T: Float>(
+    pass: &Pass<T>,
+    plan: &AdafactorPlan,
+    p: &mut [T],
+    rv: &mut [T],
+    c: Option<&mut [T]>,
+    mut m: Option<&mut [T]>,
+    g: &[T],
+) -> f64 {
+    let n = plan.n;
+    let (p_ss, u_ss, fin);
+    match c {
+        None => {
+            let p_ro: &[T] = p;
+            (p_ss, u_ss) = chunked_sums(n, |k| {
+                let pk = p_ro[k].f64();
+                let u = pass.full(&mut rv[k], g[k]).f64();
+                (pk * pk, u * u)
+            });
+            fin = pass.finish(n, p_ss, u_ss);
+            for k in 0..n {
+                let u = pass.u_full(rv[k], g[k]);
+                pass.apply(&mut p[k], m.as_mut().map(|m| &mut m[k]), u, &fin);
+            }
+        }
+        Some(c) => {
+            let (batch, rows, cols) = (plan.batch, plan.rows, plan.cols);
+            let (row_sums, col_sums) = factored_sums(g, batch, rows, cols, |x| pass.sq(x));
+            for (ck, s) in c.iter_mut().zip(&col_sums) {
+                *ck = pass.moment(*ck, T::of(s / rows as f64));
+            }
+            for (rk, s) in rv.iter_mut().zip(&row_sums) {
+                *rk = pass.moment(*rk, T::of(s / cols as f64));
+            }
+            let norm: Vec<T> = rv
+                .chunks(rows)
+                .map(|rb| pass.norm(block_sum(rows, |i| rb[i].f64()) / rows as f64))
+                .collect();
+            let (r, c): (&[T], &[T]) = (rv, c);
+            // U per element from its row and column, as `af_u` in the kernels; HF's 1/√ factors
+            // once per row and column (the same values the kernel recomputes per element).
+            let hf_factors = pass.hf().then(|| {
+                let row_f: Vec<T> = r
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &x)| T::one() / (x / norm[row / rows]).sqrt())
+                    .collect();
+                let col_f: Vec<T> = c.iter().map(|&x| T::one() / x.sqrt()).collect();
+                (row_f, col_f)
+            });
+            let u_at = |k: usize| {
+                let (row, j) = (k / cols, k % cols);
+                let (b, gk) = (row / rows, g[k]);
+                match (pass, &hf_factors) {
+                    (Pass::Torch { sign, eps1_sq, .. }, _) => {
+                        let v = r[row] * c[b * cols + j] / norm[b];
+                        *sign * gk / fmax(v, *eps1_sq).sqrt()
+                    }
+                    (Pass::Hf { .. }, Some((row_f, col_f))) => {
+                        row_f[row] * col_f[b * cols + j] * gk
+                    }
+                    (Pass::Hf { .. }, None) => unreachable!("HF factors are computed"),
+                }
+            };
+            let p_ro: &[T] = p;
+            (p_ss, u_ss) = chunked_sums(n, |k| {
+                let pk = p_ro[k].f64();
+                let u = u_at(k).f64();
+                (pk * pk, u * u)
+            });
+            fin = pass.finish(n, p_ss, u_ss);
+            for k in 0..n {
+                pass.apply(&mut p[k], m.as_mut().map(|m| &mut m[k]), u_at(k), &fin);
+            }
+        }
+    }
+    fin.rms
+}
+
+/// One Adafactor step of one parameter: the `adafactor_*` kernels on a CUDA device (or in host
+/// emulation), else their CPU twin. `rv` is r (factored) or v (full), `c` the column factor
+/// (factored), `m` the HF first moment, `rms` an f64 0-D tensor that receives RMS(p) (HF).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_pass<T: Float>(
+    pass: &Pass<T>,
+    factoring: Factoring,
+    p: &Tensor,
+    rv: &Tensor,
+    c: Option<&Tensor>,
+    m: Option<&Tensor>,
+    g: &Tensor,
+    rms: Option<&Tensor>,
+) -> Result<()> {
+    let factored = match factoring {
+        Factoring::Factored { batch, rows, cols } => Some((batch, rows, cols)),
+        Factoring::Full => None,
+    };
+    let Some(plan) = AdafactorPlan::new(p.elem_count(), factored) else {
+        return Ok(());
+    };
+    // The kernels index r, c and v by these counts: check them before any launch.
+    let (n, (batch, rows, cols)) = (plan.n, factored.unwrap_or((0, 0, 0)));
+    check_sizes("adafactor", n, &[g])?;
+    check_sizes("adafactor", n, &m.into_iter().collect::<Vec<_>>())?;
+    match c {
+        Some(c) => {
+            check_sizes("adafactor row factor", batch * rows, &[rv])?;
+            check_sizes("adafactor column factor", batch * cols, &[c])?;
+        }
+        None => check_sizes("adafactor", n, &[rv])?,
+    }
+    let mut outs = vec![p, rv];
+    outs.extend(c);
+    outs.extend(m);
+    let (has_c, has_m) = (c.is_some(), m.is_some());
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        let (s, wide) = pass.kernel_scalars();
+        return crate::cuda::adafactor::<T>(&plan, &outs, (has_c, has_m), g, rms, &s, &wide);
+    }
+    #[cfg(optlab_emulate_kernels)]
+    if crate::launch::emulate::active() {
+        let (s, wide) = pass.kernel_scalars();
+        return crate::launch::emulate::adafactor::<T>(
+            &plan,
+            &outs,
+            (has_c, has_m),
+            g,
+            rms,
+            &s,
+            &wide,
+        );
+    }
+    let mut rms_p = 0.0;
+    zip_mut::<T>(&outs, &[g], |o, i| {
+        let (p, rest) = o.split_first_mut().expect("param");
+        let (rv, rest) = rest.split_first_mut().expect("second moment");
+        let (c, rest) = if has_c {
+            let (c, rest) = rest.split_first_mut().expect("column factor");
+            (Some(&mut **c), rest)
+        } else {
+            (None, rest)
+        };
+        let m = if has_m { Some(&mut *rest[0]) } else { None };
+        rms_p = cpu_pass(pass, &plan, p, rv, c, m, i[0]);
+        Ok(())
+    })?;
+    if let Some(t) = rms {
+        zip_mut::<f64>(&[t], &[], |o, _| {
+            o[0][0] = rms_p;
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// Checks the shapes of whichever of `fields` (name, expected shape) are present, and rejects
@@ -260,101 +702,28 @@ impl Adafactor {
         state: &State,
     ) -> Result<()> {
         let cfg = &self.0;
-        let numel = param.elem_count();
-        if numel == 0 {
-            return Ok(());
-        }
         let tf = t as f64;
-        let w = T::of(tf.powf(cfg.beta2_decay));
-        let rho = ctx.lr.min(1.0 / tf.sqrt());
         let eps1 = cfg.eps1.map(T::of).unwrap_or_else(T::epsilon);
-        let eps1_sq = eps1 * eps1;
-        let decay = (ctx.weight_decay != 0.0).then(|| T::of(1.0 - ctx.lr * ctx.weight_decay));
-        let sign = if cfg.maximize { -T::one() } else { T::one() };
-        let sqrt_numel = (numel as f64).sqrt();
-        // α / max(1, RMS(U)/d), negated, from the two sums of squares.
-        let step_scale = |p_ss: f64, u_ss: f64| {
-            let alpha = cfg.eps2.max(p_ss.sqrt() / sqrt_numel) * rho;
-            let den = (u_ss.sqrt() / (sqrt_numel * cfg.d)).max(1.0);
-            T::of(-alpha / den)
+        let pass = Pass::Torch {
+            w: T::of(tf.powf(cfg.beta2_decay)),
+            eps1,
+            eps1_sq: eps1 * eps1,
+            sign: if cfg.maximize { -T::one() } else { T::one() },
+            decay: (ctx.weight_decay != 0.0).then(|| T::of(1.0 - ctx.lr * ctx.weight_decay)),
+            eps2: cfg.eps2,
+            rho: ctx.lr.min(1.0 / tf.sqrt()),
+            d: cfg.d,
         };
-        let apply = |p: &mut T, s: T, u: T| {
-            let pk = match decay {
-                Some(dc) => *p * dc,
-                None => *p,
-            };
-            *p = pk + s * u;
-        };
+        let p = param.as_tensor();
         match Factoring::of(param.dims()) {
-            Factoring::Full => {
+            f @ Factoring::Full => {
                 let v = state.tensor("variance")?;
-                zip_mut::<T>(&[param.as_tensor(), v], &[grad], |o, i| {
-                    let g = i[0];
-                    let [p, v] = o else {
-                        unreachable!("two outputs")
-                    };
-                    let p_ss = sum_sq_slice(p);
-                    let mut u_ss = 0.0;
-                    for (vk, &gk) in v.iter_mut().zip(g) {
-                        let gk = sign * gk;
-                        *vk = lerp(*vk, gk * gk, w);
-                        let u = gk / fmax(*vk, eps1_sq).sqrt();
-                        u_ss += u.f64() * u.f64();
-                    }
-                    let s = step_scale(p_ss, u_ss);
-                    for ((pk, &vk), &gk) in p.iter_mut().zip(v.iter()).zip(g) {
-                        apply(pk, s, sign * gk / fmax(vk, eps1_sq).sqrt());
-                    }
-                    Ok(())
-                })
+                run_pass(&pass, f, p, v, None, None, grad, None)
             }
-            Factoring::Factored { batch, rows, cols } => {
+            f @ Factoring::Factored { .. } => {
                 let r = state.tensor("row_var")?;
                 let c = state.tensor("col_var")?;
-                zip_mut::<T>(&[param.as_tensor(), r, c], &[grad], |o, i| {
-                    let g = i[0];
-                    let [p, r, c] = o else {
-                        unreachable!("three outputs")
-                    };
-                    let p_ss = sum_sq_slice(p);
-                    let (row_sums, col_sums) = factored_sums(g, batch, rows, cols, |x| {
-                        let x = x.f64();
-                        x * x
-                    });
-                    for (rk, s) in r.iter_mut().zip(&row_sums) {
-                        *rk = lerp(*rk, T::of(s / cols as f64), w);
-                    }
-                    for (ck, s) in c.iter_mut().zip(&col_sums) {
-                        *ck = lerp(*ck, T::of(s / rows as f64), w);
-                    }
-                    let norm: Vec<T> = r
-                        .chunks(rows)
-                        .map(|rb| fmax(T::of(mean_slice(rb)), eps1))
-                        .collect();
-                    let r: &[T] = r;
-                    let c: &[T] = c;
-                    // U at (b, i, j) for the gradient entry gk.
-                    let u_at = |b: usize, i: usize, j: usize, gk: T| {
-                        let v = r[b * rows + i] * c[b * cols + j] / norm[b];
-                        sign * gk / fmax(v, eps1_sq).sqrt()
-                    };
-                    let mut u_ss = 0.0;
-                    for (row, gr) in g.chunks(cols).enumerate() {
-                        let (b, i) = (row / rows, row % rows);
-                        for (j, &gk) in gr.iter().enumerate() {
-                            let u = u_at(b, i, j, gk).f64();
-                            u_ss += u * u;
-                        }
-                    }
-                    let s = step_scale(p_ss, u_ss);
-                    for (row, (pr, gr)) in p.chunks_mut(cols).zip(g.chunks(cols)).enumerate() {
-                        let (b, i) = (row / rows, row % rows);
-                        for (j, (pk, &gk)) in pr.iter_mut().zip(gr).enumerate() {
-                            apply(pk, s, u_at(b, i, j, gk));
-                        }
-                    }
-                    Ok(())
-                })
+                run_pass(&pass, f, p, r, Some(c), None, grad, None)
             }
         }
     }

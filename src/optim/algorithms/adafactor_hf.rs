@@ -39,7 +39,8 @@
 //! None, λ 0, scale_parameter true, relative_step true, warmup_init false. HF rejects an lr
 //! together with relative_step, and warmup_init without relative_step; this also rejects
 //! relative_step = false without an lr (HF would fail at the first step). The step count is
-//! the state scalar `step`, and `RMS` holds RMS(p) of the last step, as in HF (informational).
+//! the state scalar `step`, and the 0-D f64 tensor `RMS` holds RMS(p) of the last step, as in HF
+//! (informational; a tensor on the parameter's device, so that the GPU path never waits for it).
 //! Reference: transformers 5.24.0 `transformers/optimization.py` (`Adafactor`).
 
 use candle_core::{Tensor, Var};
@@ -47,11 +48,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::adafactor::{
-    check_fields, col_factor_shape, factored_sums, mean_slice, row_factor_shape, sum_sq_slice,
-    Factoring,
+    check_fields, col_factor_shape, row_factor_shape, run_pass, Factoring, Pass,
 };
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::Float;
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{Rule, StepCtx};
 use crate::optim::state::State;
@@ -168,7 +168,7 @@ impl AdafactorHf {
         }
     }
 
-    /// Runs the step; returns RMS(p) before it (HF's state `RMS`).
+    /// Runs the step; RMS(p) before it goes to the 0-D f64 tensor `rms` (HF's state `RMS`).
     fn step_typed<T: Float>(
         &self,
         ctx: &StepCtx<'_>,
@@ -176,121 +176,37 @@ impl AdafactorHf {
         param: &Var,
         grad: &Tensor,
         state: &State,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         let cfg = &self.0;
-        let numel = param.elem_count();
-        if numel == 0 {
-            return Ok(0.0);
-        }
-        let rho = self.rel_step(ctx, t);
         let beta2t = 1.0 - (t as f64).powf(cfg.decay_rate);
-        let (b2, c2) = (T::of(beta2t), T::of(1.0 - beta2t));
-        let eps1 = T::of(cfg.eps.0);
-        let wd = ctx.weight_decay;
-        let sqrt_numel = (numel as f64).sqrt();
-        let lr_t_of = |p_ss: f64| {
-            let rms = p_ss.sqrt() / sqrt_numel;
-            let scale = if cfg.scale_parameter {
-                cfg.eps.1.max(rms)
-            } else {
-                1.0
-            };
-            (rms, rho * scale)
+        let pass = Pass::Hf {
+            b2: T::of(beta2t),
+            c2: T::of(1.0 - beta2t),
+            eps1: T::of(cfg.eps.0),
+            momentum: cfg.beta1.map(|b| (T::of(b), T::of(1.0 - b))),
+            eps2: cfg.eps.1,
+            rho: self.rel_step(ctx, t),
+            clip: cfg.clip_threshold,
+            wd: ctx.weight_decay,
+            scale_parameter: cfg.scale_parameter,
         };
-        let den_of = |u_ss: f64| T::of((u_ss.sqrt() / sqrt_numel / cfg.clip_threshold).max(1.0));
-        let momentum = cfg.beta1.map(|b| (T::of(b), T::of(1.0 - b)));
-        // Final move of one element: U → clipped, scaled, through the momentum, then applied.
-        let apply = |p: &mut T, m: Option<&mut T>, u: T, den: T, lr_t: T, decay: T| {
-            let mut u = u / den * lr_t;
-            if let (Some(m), Some((b1, c1))) = (m, momentum) {
-                *m = b1 * *m + c1 * u;
-                u = *m;
-            }
-            let mut pk = *p;
-            if wd != 0.0 {
-                pk = pk + decay * pk;
-            }
-            *p = pk - u;
+        let m = if cfg.beta1.is_some() {
+            Some(state.tensor("exp_avg")?)
+        } else {
+            None
         };
-        let mut outs: Vec<&Tensor> = vec![param.as_tensor()];
-        let factoring = Factoring::of(param.dims());
-        match factoring {
-            Factoring::Full => outs.push(state.tensor("exp_avg_sq")?),
-            Factoring::Factored { .. } => {
-                outs.push(state.tensor("exp_avg_sq_row")?);
-                outs.push(state.tensor("exp_avg_sq_col")?);
+        let (p, rms) = (param.as_tensor(), Some(state.tensor("RMS")?));
+        match Factoring::of(param.dims()) {
+            f @ Factoring::Full => {
+                let v = state.tensor("exp_avg_sq")?;
+                run_pass(&pass, f, p, v, None, m, grad, rms)
+            }
+            f @ Factoring::Factored { .. } => {
+                let r = state.tensor("exp_avg_sq_row")?;
+                let c = state.tensor("exp_avg_sq_col")?;
+                run_pass(&pass, f, p, r, Some(c), m, grad, rms)
             }
         }
-        if momentum.is_some() {
-            outs.push(state.tensor("exp_avg")?);
-        }
-        let mut rms_p = 0.0;
-        zip_mut::<T>(&outs, &[grad], |o, i| {
-            let g = i[0];
-            let (p, rest) = o.split_first_mut().expect("param");
-            let p_ss = sum_sq_slice(p);
-            let (rms, lr_t) = lr_t_of(p_ss);
-            rms_p = rms;
-            let decay = T::of(-wd * lr_t);
-            let lr_t = T::of(lr_t);
-            match factoring {
-                Factoring::Full => {
-                    let (v, rest) = rest.split_first_mut().expect("exp_avg_sq");
-                    let mut m = rest.first_mut();
-                    let mut u_ss = 0.0;
-                    for (vk, &gk) in v.iter_mut().zip(g) {
-                        *vk = b2 * *vk + c2 * (gk * gk + eps1);
-                        let u = (T::one() / vk.sqrt() * gk).f64();
-                        u_ss += u * u;
-                    }
-                    let den = den_of(u_ss);
-                    for (k, (pk, &gk)) in p.iter_mut().zip(g).enumerate() {
-                        let u = T::one() / v[k].sqrt() * gk;
-                        apply(pk, m.as_mut().map(|m| &mut m[k]), u, den, lr_t, decay);
-                    }
-                }
-                Factoring::Factored { batch, rows, cols } => {
-                    let (r, rest) = rest.split_first_mut().expect("exp_avg_sq_row");
-                    let (c, rest) = rest.split_first_mut().expect("exp_avg_sq_col");
-                    let mut m = rest.first_mut();
-                    let (row_sums, col_sums) =
-                        factored_sums(g, batch, rows, cols, |x| (x * x + eps1).f64());
-                    for (rk, s) in r.iter_mut().zip(&row_sums) {
-                        *rk = b2 * *rk + c2 * T::of(s / cols as f64);
-                    }
-                    for (ck, s) in c.iter_mut().zip(&col_sums) {
-                        *ck = b2 * *ck + c2 * T::of(s / rows as f64);
-                    }
-                    // 1/√(r_i / mean r) and 1/√c_j, once per row and column.
-                    let mut row_f: Vec<T> = Vec::with_capacity(r.len());
-                    for rb in r.chunks(rows) {
-                        let mean = T::of(mean_slice(rb));
-                        row_f.extend(rb.iter().map(|&x| T::one() / (x / mean).sqrt()));
-                    }
-                    let col_f: Vec<T> = c.iter().map(|&x| T::one() / x.sqrt()).collect();
-                    let u_at = |row: usize, j: usize, gk: T| {
-                        row_f[row] * col_f[(row / rows) * cols + j] * gk
-                    };
-                    let mut u_ss = 0.0;
-                    for (row, gr) in g.chunks(cols).enumerate() {
-                        for (j, &gk) in gr.iter().enumerate() {
-                            let u = u_at(row, j, gk).f64();
-                            u_ss += u * u;
-                        }
-                    }
-                    let den = den_of(u_ss);
-                    for (row, (pr, gr)) in p.chunks_mut(cols).zip(g.chunks(cols)).enumerate() {
-                        for (j, (pk, &gk)) in pr.iter_mut().zip(gr).enumerate() {
-                            let k = row * cols + j;
-                            let u = u_at(row, j, gk);
-                            apply(pk, m.as_mut().map(|m| &mut m[k]), u, den, lr_t, decay);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        Ok(rms_p)
     }
 }
 
@@ -324,14 +240,17 @@ impl Rule for AdafactorHf {
         if self.0.beta1.is_some() {
             state.tensor_or_zeros("exp_avg", param)?;
         }
-        let rms = with_float!(dtype, "adafactor_hf", T => self.step_typed::<T>(ctx, t, param, grad, state))?;
-        state.set_scalar("RMS", rms);
-        Ok(())
+        // RMS(p) stays where it is computed (as in HF, a 0-D tensor on the parameter's
+        // device): reading it back to the host would wait for the device every step. A scalar
+        // `RMS` from an older checkpoint is replaced.
+        state.scalars.remove("RMS");
+        state.tensor_or_zeros_shaped("RMS", &[], candle_core::DType::F64, device)?;
+        with_float!(dtype, "adafactor_hf", T => self.step_typed::<T>(ctx, t, param, grad, state))
     }
 
     fn check_state(&self, meta: &ParamMeta, state: &State) -> Result<()> {
         let shape = &meta.shape;
-        let mut fields = vec![("exp_avg", shape.clone())];
+        let mut fields = vec![("exp_avg", shape.clone()), ("RMS", vec![])];
         let foreign: &[&str] = match Factoring::of(shape) {
             Factoring::Full => {
                 fields.push(("exp_avg_sq", shape.clone()));
@@ -522,7 +441,8 @@ mod tests {
         assert_eq!(dims("v", "exp_avg_sq_row"), None);
         assert_eq!(dims("s", "exp_avg_sq"), Some(vec![]));
         assert_eq!(sd.entries["s"].scalars["step"], 1.0);
-        assert!(sd.entries["m"].scalars["RMS"] > 0.0);
+        let rms = sd.entries["m"].tensors["RMS"].to_scalar::<f64>().unwrap();
+        assert!(rms > 0.0 && !sd.entries["m"].scalars.contains_key("RMS"));
     }
 
     #[test]

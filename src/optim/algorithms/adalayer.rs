@@ -440,9 +440,9 @@ impl Plan {
             return crate::cuda::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
         }
         #[cfg(optlab_emulate_kernels)]
-        if crate::kernels::emulate::active() {
+        if crate::launch::emulate::active() {
             let s = [w1, decay, neg_step, bc2_sqrt, eps];
-            return crate::kernels::emulate::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
+            return crate::launch::emulate::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
         }
         zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], |o, i| {
             let g = i[0];
