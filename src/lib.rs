@@ -39,6 +39,8 @@ pub mod optim;
 pub mod plots;
 pub mod runner;
 pub mod sweep;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod training;
 
 pub use error::{Error, Result};

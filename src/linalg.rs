@@ -865,20 +865,7 @@ pub fn inverse_root(a: &Tensor, req: &InverseRoot) -> Result<Robust<Tensor>> {
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random stream in [-1, 1).
-    fn noise(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::noise;
 
     /// `G Gᵀ` for a random `n×k` G (rank min(n, k)).
     fn gram(seed: u64, n: usize, k: usize) -> Vec<f64> {

@@ -663,17 +663,12 @@ mod tests {
     fn noisy_data() {
         // Deterministic multiplicative noise of up to ±5 %, two points per batch size.
         let (a, b) = (2000.0, 4.0e6);
-        let mut seed = 12345u64;
-        let mut noise = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.1
-        };
+        let noise = crate::testing::lcg_from_state(12345, 2 * BATCHES.len());
         let points: Vec<(f64, f64)> = BATCHES
             .iter()
             .flat_map(|&bs| [bs, bs])
-            .map(|bs| (bs, (a + b / bs) * (1.0 + noise())))
+            .zip(noise)
+            .map(|(bs, u)| (bs, (a + b / bs) * (1.0 + 0.05 * u)))
             .collect();
         let fit = fit_cbs("noisy", &points, 256.0).unwrap();
         assert!(rel(fit.a, a) < 0.15, "a = {}", fit.a);

@@ -412,7 +412,7 @@ pub fn trsm_right_upper(a: &Tensor, r: &Tensor) -> Result<()> {
             // by `with_device_ptrs`; alpha is a host scalar living across the call; the
             // handle is bound to the device's stream.
             let status = unsafe {
-                match T::DTYPE {
+                match dtype {
                     candle_core::DType::F32 => {
                         let one = 1.0f32;
                         cublasStrsm_v2(

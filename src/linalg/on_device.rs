@@ -680,15 +680,7 @@ mod tests {
     use candle_core::Device;
 
     fn noise(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
-            .collect()
+        crate::testing::xorshift_from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, n)
     }
 
     fn matrix(seed: u64, r: usize, c: usize, dtype: DType) -> Tensor {

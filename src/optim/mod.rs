@@ -26,7 +26,7 @@ pub mod params;
 pub mod rule;
 pub mod state;
 #[cfg(test)]
-pub(crate) mod testing;
+pub(crate) use crate::testing;
 
 // The paths these modules had before they moved into `algorithms`, `math` and `training`.
 pub use crate::training::{clip, ewa, schedule};

@@ -283,15 +283,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(12345);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
+        let state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(12345);
+        testing::xorshift_from_state(state, n)
     }
 
     fn driver(cfg: AdafactorHfConfig, shapes: &[(&str, &[usize])], dtype: DType) -> Driver {

@@ -1,5 +1,7 @@
-//! Helpers the optimizers' unit tests share: deterministic noise, tensors and drivers built
-//! from it, and readers of the parameters. Each test keeps its own seeds; only the machinery
+//! Helpers the crate's unit tests share: deterministic noise (an LCG, and the xorshift some
+//! linear-algebra and Adafactor tests draw from), tensors and drivers built from it, and
+//! readers of the parameters. (The integration tests in `tests/` have theirs in
+//! `tests/common`.) Each test keeps its own seeds; only the machinery
 //! lives here.
 
 use std::collections::BTreeMap;
@@ -33,6 +35,19 @@ pub fn lcg_from_state(state: u64, n: usize) -> Vec<f64> {
 /// small seeds do not start near zero).
 pub fn noise(seed: u64, n: usize) -> Vec<f64> {
     lcg_from_state(lcg_step(seed), n)
+}
+
+/// `n` values in [-1, 1) from Marsaglia's xorshift (13, 7, 17) started at `state`.
+pub fn xorshift_from_state(state: u64, n: usize) -> Vec<f64> {
+    let mut s = state;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
 }
 
 /// A CPU tensor of `values` in `shape`, converted to `dtype`.
