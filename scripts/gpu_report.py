@@ -226,7 +226,7 @@ def report(work, out_path):
     lines += ["", "## Timing table", "",
               "GPT-2 small = 124,439,808 f32 parameters in 148 tensors (tests/cuda_twins.rs "
               "`gpt2_shapes`); PyTorch on the same GPU in the same script, TF32 off on both "
-              "sides. Targets are issue 13's; a missed target does not fail the check.", "",
+              "sides. The targets are the performance goals set for the first GPU run; a missed target does not fail the check.", "",
               "| figure | optlab | PyTorch | ratio | target | met |",
               "|---|---:|---:|---:|---|---|"]
     for what, ours, base, r, target, met in timing_rows(t, torch, train, torch_train):
