@@ -42,10 +42,13 @@ impl DeviceSpec {
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace when RUST_BACKTRACE is set: the first line is the cause.
+        let cause = e.to_string();
+        let cause = cause.lines().next().unwrap_or("unknown error");
         Error::config(
             "device",
             format!(
-                "`cuda:{ordinal}` is not usable on this machine ({e}); check the GPU and its \
+                "`cuda:{ordinal}` is not usable on this machine ({cause}); check the GPU and its \
                  driver (nvidia-smi, CUDA_VISIBLE_DEVICES), or train on the CPU with \
                  --set device=cpu"
             ),
