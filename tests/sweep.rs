@@ -160,11 +160,10 @@ fn all_metrics(runs: &Path) -> BTreeMap<String, Vec<Value>> {
     out
 }
 
-/// The uninterrupted sweep: its report and metrics, computed once, with its wall time.
+/// The uninterrupted sweep: its report and metrics, computed once.
 struct Reference {
     report: Value,
     metrics: BTreeMap<String, Vec<Value>>,
-    seconds: f64,
     _dir: tempfile::TempDir,
 }
 
@@ -172,9 +171,7 @@ fn reference() -> &'static Reference {
     static REF: OnceLock<Reference> = OnceLock::new();
     REF.get_or_init(|| {
         let dir = setup(TINY);
-        let t0 = Instant::now();
         let out = ok(&sweep(&["run", "sweep.toml", "--runs", "runs"], dir.path()));
-        let seconds = t0.elapsed().as_secs_f64();
         assert!(out.contains("3 completed"), "{out}");
         ok(&sweep(
             &["report", "sweep.toml", "--runs", "runs", "--out", "report"],
@@ -183,7 +180,6 @@ fn reference() -> &'static Reference {
         Reference {
             report: report_json(&dir.path().join("report")),
             metrics: all_metrics(&dir.path().join("runs")),
-            seconds,
             _dir: dir,
         }
     })
@@ -307,15 +303,31 @@ impl Rng {
     }
 }
 
+/// Metrics lines on disk under `runs`, over all runs: how far a sweep has come.
+fn lines_written(runs: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("metrics.jsonl")).ok())
+        .map(|t| t.lines().count())
+        .sum()
+}
+
 #[test]
 fn kill_9_at_random_points_then_resume_gives_the_same_report() {
     let r = reference();
+    let total: usize = r.metrics.values().map(Vec::len).sum();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let trials = 10;
     let mut interrupted = 0;
     for trial in 0..trials {
         let dir = setup(TINY);
-        // One to three kills, each at a random time within an uninterrupted sweep's length.
+        // One to three kills, each at a random point of the sweep's progress: once a random
+        // share of an uninterrupted sweep's metrics lines is on disk (zero: during start-up).
+        // Progress, not wall time, so that the kills land inside the sweep however fast the
+        // machine is at the moment.
         let kills = 1 + (rng.next() * 3.0) as usize;
         for _ in 0..kills {
             let mut child = Command::new(env!("CARGO_BIN_EXE_sweep"))
@@ -325,8 +337,14 @@ fn kill_9_at_random_points_then_resume_gives_the_same_report() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            let wait = Duration::from_secs_f64(rng.next() * r.seconds);
-            std::thread::sleep(wait);
+            let target = (rng.next() * total as f64) as usize;
+            let t0 = Instant::now();
+            while lines_written(&dir.path().join("runs")) < target
+                && child.try_wait().unwrap().is_none()
+                && t0.elapsed() < Duration::from_secs(120)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             // SIGKILL: no destructor, no flush, no lock release.
             let _ = child.kill();
             let _ = child.wait();
@@ -707,7 +725,8 @@ fn gpu_placement_flags_are_checked_and_slurm_tasks_use_their_gpus() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA_VISIBLE_DEVICES"));
 
     // Without a GPU (or without the `cuda` feature) a GPU worker fails every run with the
-    // reason, and leaves nothing that counts as done or diverged: the CPU takes them after.
+    // reason, and leaves nothing that counts as done or diverged: they stay pending, for any
+    // later worker.
     let out = sweep(
         &[
             "run",
@@ -731,11 +750,7 @@ fn gpu_placement_flags_are_checked_and_slurm_tasks_use_their_gpus() {
         !plan.contains("\"finished\"") && !plan.contains("\"diverged\""),
         "{plan}"
     );
-    ok(&sweep(
-        &["run", "sweep.toml", "--runs", "runs", "--quiet"],
-        dir.path(),
-    ));
-    assert_eq!(all_metrics(&dir.path().join("runs")), reference().metrics);
+    assert!(plan.contains("\"pending\""), "{plan}");
 
     ok(&sweep(
         &[
