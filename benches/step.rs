@@ -4,30 +4,14 @@
 //!
 //! `cargo bench --bench step` (add `-- adamw` to run one).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
 use optlab::optim::{Driver, ExtraInput, NamedParams, OptimConfig};
 
-fn param_set() -> Vec<(String, Var)> {
-    let dev = Device::Cpu;
-    let mut out = Vec::new();
-    let mut add = |name: String, shape: &[usize]| {
-        let t = Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
-        out.push((name, Var::from_tensor(&t).unwrap()));
-    };
-    add("wte.weight".into(), &[512, 256]);
-    add("lm_head.weight".into(), &[512, 256]);
-    for layer in 0..6 {
-        add(format!("blocks.{layer}.mlp.fc.weight"), &[1024, 256]);
-        add(format!("blocks.{layer}.mlp.proj.weight"), &[256, 1024]);
-        add(format!("blocks.{layer}.mlp.fc.bias"), &[1024]);
-        add(format!("blocks.{layer}.norm.weight"), &[256]);
-    }
-    out
-}
+mod common;
+use common::{grads_for, param_set};
 
 fn bench_steps(c: &mut Criterion) {
     let mut group = c.benchmark_group("step_f32_gpt_like");
@@ -50,15 +34,7 @@ fn bench_steps(c: &mut Criterion) {
     ));
     for (name, config) in configs {
         let vars = param_set();
-        let grads: BTreeMap<String, Tensor> = vars
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.clone(),
-                    Tensor::randn(0f32, 1e-3, v.dims(), &Device::Cpu).unwrap(),
-                )
-            })
-            .collect();
+        let grads = grads_for(&vars);
         let is_sophia = config.name() == "sophia";
         let mut opt = Driver::new(config, NamedParams::new(vars).unwrap()).unwrap();
         // Warm the state up (lazy initialization, SOAP's basis-building first step).
@@ -76,13 +52,10 @@ fn bench_steps(c: &mut Criterion) {
     {
         use candle_nn::Optimizer as _;
         let vars = param_set();
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| Tensor::randn(0f32, 1e-3, v.dims(), &Device::Cpu).unwrap())
-            .collect();
+        let grads = grads_for(&vars);
         let mut store = candle_core::backprop::GradStore::default();
-        for ((_, v), g) in vars.iter().zip(&grads) {
-            store.insert(v.as_tensor(), g.clone());
+        for (name, v) in &vars {
+            store.insert(v.as_tensor(), grads[name].clone());
         }
         let mut opt = candle_nn::AdamW::new(
             vars.iter().map(|(_, v)| v.clone()).collect(),

@@ -95,6 +95,60 @@ pub fn zip_mut_or_kernel<T: Float>(
     zip_mut(outs, ins, body)
 }
 
+/// Runs `f` compiled for the widest vector instruction set this CPU has: AVX-512, AVX2 + FMA,
+/// or baseline x86-64, chosen at run time (the release build targets baseline x86-64, so loops
+/// written plainly would never use wider registers). `f` must be inlined into the dispatched
+/// copies for this to take effect: use it through [`vectorized!`](crate::vectorized), which
+/// marks the closure `#[inline(always)]`.
+///
+/// The results are the same bits on every instruction set: Rust never contracts `a * b + c`
+/// into a fused multiply-add, vector `+ − × ÷ √ min max` round exactly as their scalar forms
+/// do, and reductions that accumulate in order are left in order by the compiler.
+#[inline(always)]
+pub fn on_widest_simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+/// Runs the statements given, compiled for the widest vector instruction set this CPU has
+/// ([`on_widest_simd`]); evaluates to their value.
+///
+/// Every fused pass runs its loop inside this, over slices resliced to one length
+/// ([`exactly`], [`exactly_mut`]) or zipped, so that the compiler drops the bounds checks and
+/// vectorizes.
+#[macro_export]
+macro_rules! vectorized {
+    ($($body:tt)*) => {
+        $crate::fused::on_widest_simd(#[inline(always)] || { $($body)* })
+    };
+}
+pub use crate::vectorized;
+
+/// Reslices `s` to its first `n` elements, or an error naming `what` when it is shorter: the
+/// loop over `0..n` that follows then indexes without bounds checks (and vectorizes).
+#[inline(always)]
+pub fn exactly<'s, T>(s: &'s [T], n: usize, what: &str) -> Result<&'s [T]> {
+    s.get(..n)
+        .filter(|_| s.len() == n)
+        .ok_or_else(|| length_error(what, s.len(), n))
+}
+
+/// [`exactly`] for a mutable slice.
+#[inline(always)]
+pub fn exactly_mut<'s, T>(s: &'s mut [T], n: usize, what: &str) -> Result<&'s mut [T]> {
+    let len = s.len();
+    if len != n {
+        return Err(length_error(what, len, n));
+    }
+    Ok(s)
+}
+
+#[cold]
+fn length_error(what: &str, len: usize, n: usize) -> crate::error::Error {
+    crate::error::Error::Msg(format!(
+        "fused pass: `{what}` has {len} elements where {n} are needed"
+    ))
+}
+
 /// A gradient as a contiguous tensor of the parameter's dtype (a no-op when it already is).
 pub fn prepare_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
     let g = if g.dtype() == dtype {
@@ -165,7 +219,12 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     let mut ok = true;
     crate::with_float!(t.dtype(), "all_finite", T => {
         zip_mut::<T>(&[], &[&t], |_, i| {
-            ok = i[0].iter().all(|x| x.is_finite());
+            // Blocks of a fixed size, each tested without an early exit (an OR of compare
+            // masks, which vectorizes), with the exit between blocks.
+            ok = vectorized! {
+                i[0].chunks(4096)
+                    .all(|c| !c.iter().fold(false, |bad, x| bad | !x.is_finite()))
+            };
             Ok(())
         })?;
     });

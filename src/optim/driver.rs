@@ -233,21 +233,48 @@ impl Driver {
             let lr = g.base_lr * self.lr_factor;
             g.rule.begin_step(lr, &mut g.state)?;
         }
-        for (slot, grad) in self.slots.iter_mut().zip(grads) {
-            let Some(grad) = grad else { continue };
-            let group = &self.groups[slot.group];
+        let (groups, lr_factor, step) = (&self.groups, self.lr_factor, self.step);
+        let update = |(slot, grad): (&mut Slot, Option<Tensor>)| -> Result<()> {
+            let Some(grad) = grad else { return Ok(()) };
+            let group = &groups[slot.group];
             let ctx = StepCtx {
-                lr: group.base_lr * self.lr_factor,
-                lr_factor: self.lr_factor,
+                lr: group.base_lr * lr_factor,
+                lr_factor,
                 weight_decay: group.weight_decay,
-                step: self.step,
+                step,
                 group: &group.state,
             };
             group
                 .rule
-                .update(&ctx, &slot.meta, &slot.var, &grad, &mut slot.state)?;
+                .update(&ctx, &slot.meta, &slot.var, &grad, &mut slot.state)
+        };
+        if self.parallel_updates() {
+            // Parameters move independently (a rule sees only its own tensor, state and the
+            // group's read-only state), so the result is the same bits in any order; the first
+            // error in parameter order is the one reported.
+            use rayon::prelude::*;
+            let results: Vec<Result<()>> = self
+                .slots
+                .par_iter_mut()
+                .zip(grads.into_par_iter())
+                .map(update)
+                .collect();
+            results.into_iter().collect()
+        } else {
+            self.slots.iter_mut().zip(grads).try_for_each(update)
         }
-        Ok(())
+    }
+
+    /// Whether a step updates its parameters on several threads: on the CPU, with more than
+    /// one worker thread, and outside kernel emulation (whose switch is per thread).
+    fn parallel_updates(&self) -> bool {
+        #[cfg(optlab_emulate_kernels)]
+        if crate::launch::emulate::active() {
+            return false;
+        }
+        self.slots.len() > 1
+            && rayon::current_num_threads() > 1
+            && self.slots.iter().all(|s| s.var.device().is_cpu())
     }
 
     /// One step from parameter-name → gradient pairs (missing names are skipped; unknown names

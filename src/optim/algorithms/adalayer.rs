@@ -64,7 +64,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, vectorized, zip_mut, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -427,9 +429,13 @@ impl Plan {
                 let [p, m] = o else {
                     unreachable!("two outputs")
                 };
-                for k in 0..p.len() {
-                    m[k] = lerp(m[k], i[0][k], w1);
-                    p[k] = p[k] * decay + neg_step * m[k];
+                let n = p.len();
+                let (g, m) = (exactly(i[0], n, "grad")?, exactly_mut(m, n, "exp_avg")?);
+                vectorized! {
+                    for k in 0..n {
+                        m[k] = lerp(m[k], g[k], w1);
+                        p[k] = p[k] * decay + neg_step * m[k];
+                    }
                 }
                 Ok(())
             });
@@ -454,6 +460,7 @@ impl Plan {
                 return Ok(());
             }
             let len = n / nb;
+            let (g, m) = (exactly(g, n, "grad")?, exactly_mut(m, n, "exp_avg")?);
             for (b, vb) in v.iter_mut().enumerate() {
                 let range = b * len..(b + 1) * len;
                 if let Some(w2) = w2 {
@@ -467,9 +474,12 @@ impl Plan {
                     *vb = lerp(*vb, T::of(sum / len as f64), w2);
                 }
                 let denom = vb.sqrt() / bc2_sqrt + eps;
-                for k in range {
-                    m[k] = lerp(m[k], g[k], w1);
-                    p[k] = p[k] * decay + neg_step * (m[k] / denom);
+                let (p, m, g) = (&mut p[range.clone()], &mut m[range.clone()], &g[range]);
+                vectorized! {
+                    for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+                        *m = lerp(*m, g, w1);
+                        *p = *p * decay + neg_step * (*m / denom);
+                    }
                 }
             }
             Ok(())

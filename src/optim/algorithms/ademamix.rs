@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{exactly, exactly_mut, vectorized, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -144,25 +144,36 @@ impl AdEMAMix {
             b1, c1, b2, c2, b3, c3, alpha, bc1, bc2_sqrt, eps, wd, neg_lr,
         ];
         zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
-            let g = i[0];
-            let (p, rest) = o.split_first_mut().expect("param");
-            let (m2, rest) = rest.split_first_mut().expect("m2");
-            let (v, rest) = rest.split_first_mut().expect("v");
-            let mut m1 = rest.first_mut();
-            for k in 0..p.len() {
-                let gk = g[k];
-                let fast = match m1.as_deref_mut() {
-                    Some(m1) => {
-                        m1[k] = m1[k] * b1 + c1 * gk;
-                        m1[k]
+            let [p, m2, v, m1 @ ..] = o else {
+                unreachable!("param, m2 and v")
+            };
+            let n = p.len();
+            let g = exactly(i[0], n, "grad")?;
+            let m2 = exactly_mut(m2, n, "exp_avg_slow")?;
+            let v = exactly_mut(v, n, "exp_avg_sq")?;
+            // The update given the fast momentum (or the gradient when β1 = 0).
+            let step = |p: &mut T, m2: &mut T, v: &mut T, gk: T, fast: T| {
+                *m2 = *m2 * b3 + c3 * gk;
+                *v = *v * b2 + c2 * gk * gk;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                let update = (fast / bc1 + alpha * *m2) / denom + wd * *p;
+                *p += neg_lr * update;
+            };
+            match m1.first_mut() {
+                Some(m1) => {
+                    let m1 = exactly_mut(m1, n, "exp_avg_fast")?;
+                    vectorized! {
+                        for k in 0..n {
+                            m1[k] = m1[k] * b1 + c1 * g[k];
+                            step(&mut p[k], &mut m2[k], &mut v[k], g[k], m1[k]);
+                        }
                     }
-                    None => gk,
-                };
-                m2[k] = m2[k] * b3 + c3 * gk;
-                v[k] = v[k] * b2 + c2 * gk * gk;
-                let denom = v[k].sqrt() / bc2_sqrt + eps;
-                let update = (fast / bc1 + alpha * m2[k]) / denom + wd * p[k];
-                p[k] += neg_lr * update;
+                }
+                None => vectorized! {
+                    for k in 0..n {
+                        step(&mut p[k], &mut m2[k], &mut v[k], g[k], g[k]);
+                    }
+                },
             }
             Ok(())
         })

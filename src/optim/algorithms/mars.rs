@@ -56,7 +56,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{flag, sum_sq, zip_mut, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly_mut, flag, sum_sq, vectorized, zip_mut, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::newton_schulz::{newton_schulz, NsForm};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -304,11 +306,16 @@ impl Mars {
         };
         run(|o: &mut [&mut [T]], i: &[&[T]]| {
             let g = i[0];
+            let n = g.len();
             let (last, rest) = o.split_first_mut().expect("last_grad");
             let (m, rest) = rest.split_first_mut().expect("exp_avg");
-            match (form, rest) {
+            let (last, m) = (
+                exactly_mut(last, n, "last_grad")?,
+                exactly_mut(m, n, "exp_avg")?,
+            );
+            vectorized! { match (form, rest) {
                 (Form::Shampoo, _) => {
-                    for k in 0..g.len() {
+                    for k in 0..n {
                         let c = corrected(g[k], last[k]);
                         m[k] = m[k] * b1 + c1 * c;
                         if approx {
@@ -317,7 +324,8 @@ impl Mars {
                     }
                 }
                 (Form::Lion, [p]) => {
-                    for k in 0..g.len() {
+                    let p = exactly_mut(p, n, "param")?;
+                    for k in 0..n {
                         let c = corrected(g[k], last[k]);
                         m[k] = m[k] * b1 + c1 * c;
                         let sign = if m[k] > T::zero() {
@@ -334,11 +342,16 @@ impl Mars {
                     }
                 }
                 (Form::Adam, [p, v, vmax @ ..]) => {
-                    for k in 0..g.len() {
+                    let (p, v) = (exactly_mut(p, n, "param")?, exactly_mut(v, n, "exp_avg_sq")?);
+                    let mut vmax = match vmax.first_mut() {
+                        Some(vm) => Some(exactly_mut(vm, n, "max_exp_avg_sq")?),
+                        None => None,
+                    };
+                    for k in 0..n {
                         let c = corrected(g[k], last[k]);
                         m[k] = m[k] * b1 + c1 * c;
                         v[k] = v[k] * b2 + c2 * c * c;
-                        let vhat = match vmax.first_mut() {
+                        let vhat = match vmax.as_deref_mut() {
                             Some(vm) => {
                                 vm[k] = num_traits::Float::max(vm[k], v[k]);
                                 vm[k]
@@ -354,7 +367,7 @@ impl Mars {
                 }
                 _ => unreachable!("operand list matches the form"),
             }
-            Ok(())
+            Ok(()) }
         })?;
 
         if form == Form::Shampoo {

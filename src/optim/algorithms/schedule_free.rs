@@ -54,7 +54,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, flag, vectorized, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Mode, Rule, StepCtx};
 use crate::optim::state::State;
@@ -249,8 +251,12 @@ fn lerp_toward(param: &Tensor, z: &Tensor, w: f64) -> Result<()> {
         let w = T::of(w);
         let scalars = [w];
         zip_mut_or_kernel::<T>(Kernel::new("lerp_toward", &scalars), &[param], &[z], |o, i| {
-            for (p, &z) in o[0].iter_mut().zip(i[0]) {
-                *p = lerp(*p, z, w);
+            let p = &mut *o[0];
+            let z = exactly(i[0], p.len(), "z")?;
+            vectorized! {
+                for (p, &z) in p.iter_mut().zip(z) {
+                    *p = lerp(*p, z, w);
+                }
             }
             Ok(())
         })
@@ -285,14 +291,19 @@ impl ScheduleFree {
                 let kernel = Kernel::new("schedule_free_adam", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), z, v], &[grad], |o, i| {
                     let [y, z, v] = o else { unreachable!() };
-                    for (j, &g) in i[0].iter().enumerate() {
-                        v[j] = v[j] * b2 + c2 * g * g;
-                        let mut d = g / ((v[j] / bias_correction2).sqrt() + eps);
-                        if decay {
-                            d += wd * y[j];
+                    let n = y.len();
+                    let g = exactly(i[0], n, "grad")?;
+                    let (z, v) = (exactly_mut(z, n, "z")?, exactly_mut(v, n, "exp_avg_sq")?);
+                    vectorized! {
+                        for j in 0..n {
+                            v[j] = v[j] * b2 + c2 * g[j] * g[j];
+                            let mut d = g[j] / ((v[j] / bias_correction2).sqrt() + eps);
+                            if decay {
+                                d += wd * y[j];
+                            }
+                            y[j] = lerp(y[j], z[j], c) + y_lr * d;
+                            z[j] -= lr * d;
                         }
-                        y[j] = lerp(y[j], z[j], c) + y_lr * d;
-                        z[j] -= lr * d;
                     }
                     Ok(())
                 })
@@ -303,10 +314,14 @@ impl ScheduleFree {
                 &[grad],
                 |o, i| {
                     let [y, z] = o else { unreachable!() };
-                    for (j, &g) in i[0].iter().enumerate() {
-                        let d = if decay { g + wd * y[j] } else { g };
-                        y[j] = lerp(y[j], z[j], c) + y_lr * d;
-                        z[j] -= lr * d;
+                    let n = y.len();
+                    let (g, z) = (exactly(i[0], n, "grad")?, exactly_mut(z, n, "z")?);
+                    vectorized! {
+                        for j in 0..n {
+                            let d = if decay { g[j] + wd * y[j] } else { g[j] };
+                            y[j] = lerp(y[j], z[j], c) + y_lr * d;
+                            z[j] -= lr * d;
+                        }
                     }
                     Ok(())
                 },

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, flag, vectorized, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -122,11 +124,14 @@ impl Sgd {
                 let scalars = [decay, sign, l2, lr];
                 let kernel = Kernel::new("sgd", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[grad], |o, i| {
-                    let (p, g) = (&mut *o[0], i[0]);
-                    for k in 0..p.len() {
-                        p[k] *= decay;
-                        let d = sign * g[k] + l2 * p[k];
-                        p[k] -= lr * d;
+                    let p = &mut *o[0];
+                    let g = exactly(i[0], p.len(), "grad")?;
+                    vectorized! {
+                        for (p, &g) in p.iter_mut().zip(g) {
+                            *p *= decay;
+                            let d = sign * g + l2 * *p;
+                            *p -= lr * d;
+                        }
                     }
                     Ok(())
                 })
@@ -138,16 +143,20 @@ impl Sgd {
                 let scalars = [decay, sign, l2, lr, mu, keep, flag(first), flag(nesterov)];
                 let kernel = Kernel::new("sgd_momentum", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), buf], &[grad], |o, i| {
-                    let g = i[0];
                     let [p, b] = o else {
                         unreachable!("two outputs")
                     };
-                    for k in 0..p.len() {
-                        p[k] *= decay;
-                        let d = sign * g[k] + l2 * p[k];
-                        b[k] = if first { d } else { b[k] * mu + keep * d };
-                        let d = if nesterov { d + mu * b[k] } else { b[k] };
-                        p[k] -= lr * d;
+                    let n = p.len();
+                    let g = exactly(i[0], n, "grad")?;
+                    let b = exactly_mut(b, n, "momentum_buffer")?;
+                    vectorized! {
+                        for k in 0..n {
+                            p[k] *= decay;
+                            let d = sign * g[k] + l2 * p[k];
+                            b[k] = if first { d } else { b[k] * mu + keep * d };
+                            let d = if nesterov { d + mu * b[k] } else { b[k] };
+                            p[k] -= lr * d;
+                        }
                     }
                     Ok(())
                 })

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{exactly, exactly_mut, vectorized, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -160,11 +160,14 @@ impl SimplifiedAdEMAMix {
         ];
         let kernel = Kernel::new("simplified_ademamix", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m, v], &[grad], |o, i| {
-            let g = i[0];
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
-            for k in 0..p.len() {
+            let n = p.len();
+            let g = exactly(i[0], n, "grad")?;
+            let m = exactly_mut(m, n, "exp_avg")?;
+            let v = exactly_mut(v, n, "exp_avg_sq")?;
+            vectorized! { for k in 0..n {
                 let gk = g[k];
                 m[k] = m[k] * b1 + gk;
                 v[k] = v[k] * b2 + c2 * gk * gk;
@@ -178,7 +181,7 @@ impl SimplifiedAdEMAMix {
                 }
                 u += wd * p[k];
                 p[k] += neg_lr * u;
-            }
+            } }
             Ok(())
         })
     }

@@ -41,7 +41,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, flag, vectorized, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::lion::sign;
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, ExtraInput, Rule, StepCtx};
@@ -124,15 +126,20 @@ impl Sophia {
         let scalars = [decay, neg_lr, b1, c1, scale, floor, sgn];
         let kernel = Kernel::new("sophia", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad, h], |o, i| {
-            let (g, h) = (i[0], i[1]);
             let [p, m] = o else {
                 unreachable!("two outputs")
             };
-            for k in 0..p.len() {
-                p[k] *= decay;
-                m[k] = m[k] * b1 + (sgn * g[k]) * c1;
-                let ratio = num_traits::Float::min(m[k].abs() / (scale * h[k] + floor), T::one());
-                p[k] += neg_lr * sign(m[k]) * ratio;
+            let n = p.len();
+            let (g, h) = (exactly(i[0], n, "grad")?, exactly(i[1], n, "hessian")?);
+            let m = exactly_mut(m, n, "exp_avg")?;
+            vectorized! {
+                for k in 0..n {
+                    p[k] *= decay;
+                    m[k] = m[k] * b1 + (sgn * g[k]) * c1;
+                    let ratio =
+                        num_traits::Float::min(m[k].abs() / (scale * h[k] + floor), T::one());
+                    p[k] += neg_lr * sign(m[k]) * ratio;
+                }
             }
             Ok(())
         })
@@ -143,14 +150,17 @@ impl Sophia {
         let scalars = [b2, c2, flag(square)];
         let kernel = Kernel::new("sophia_hessian", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[h], &[value], |o, i| {
-            let (h, e) = (&mut *o[0], i[0]);
-            if square {
-                for k in 0..h.len() {
-                    h[k] = h[k] * b2 + c2 * e[k] * e[k];
-                }
-            } else {
-                for k in 0..h.len() {
-                    h[k] = h[k] * b2 + c2 * e[k];
+            let h = &mut *o[0];
+            let e = exactly(i[0], h.len(), "hessian estimate")?;
+            vectorized! {
+                if square {
+                    for (h, &e) in h.iter_mut().zip(e) {
+                        *h = *h * b2 + c2 * e * e;
+                    }
+                } else {
+                    for (h, &e) in h.iter_mut().zip(e) {
+                        *h = *h * b2 + c2 * e;
+                    }
                 }
             }
             Ok(())

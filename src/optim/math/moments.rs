@@ -11,7 +11,7 @@
 use candle_core::{Tensor, Var};
 
 use crate::error::Result;
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{exactly, exactly_mut, vectorized, zip_mut_or_kernel, Float, Kernel};
 use crate::with_float;
 
 /// One fused AdamW pass over a parameter. Shared by every optimizer that falls back to AdamW
@@ -72,28 +72,34 @@ impl AdamStep {
         };
         let scalars = [decay, b1, c1, b2, c2, step_size, bc2_sqrt, eps, sign];
         zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
-            let g = i[0];
-            let (p, rest) = o.split_first_mut().expect("param");
-            let (m, rest) = rest.split_first_mut().expect("m");
-            let (v, rest) = rest.split_first_mut().expect("v");
-            match rest.first_mut() {
-                None => {
-                    for k in 0..p.len() {
+            let [p, m, v, vmax @ ..] = o else {
+                unreachable!("param, m and v")
+            };
+            let n = p.len();
+            let g = exactly(i[0], n, "grad")?;
+            let m = exactly_mut(m, n, "exp_avg")?;
+            let v = exactly_mut(v, n, "exp_avg_sq")?;
+            match vmax.first_mut() {
+                None => vectorized! {
+                    for k in 0..n {
                         let gk = sign * g[k];
                         m[k] = b1 * m[k] + c1 * gk;
                         v[k] = b2 * v[k] + c2 * gk * gk;
                         let denom = v[k].sqrt() / bc2_sqrt + eps;
                         p[k] = p[k] * decay - step_size * m[k] / denom;
                     }
-                }
+                },
                 Some(vmax) => {
-                    for k in 0..p.len() {
-                        let gk = sign * g[k];
-                        m[k] = b1 * m[k] + c1 * gk;
-                        v[k] = b2 * v[k] + c2 * gk * gk;
-                        vmax[k] = num_traits::Float::max(vmax[k], v[k]);
-                        let denom = vmax[k].sqrt() / bc2_sqrt + eps;
-                        p[k] = p[k] * decay - step_size * m[k] / denom;
+                    let vmax = exactly_mut(vmax, n, "max_exp_avg_sq")?;
+                    vectorized! {
+                        for k in 0..n {
+                            let gk = sign * g[k];
+                            m[k] = b1 * m[k] + c1 * gk;
+                            v[k] = b2 * v[k] + c2 * gk * gk;
+                            vmax[k] = num_traits::Float::max(vmax[k], v[k]);
+                            let denom = vmax[k].sqrt() / bc2_sqrt + eps;
+                            p[k] = p[k] * decay - step_size * m[k] / denom;
+                        }
                     }
                 }
             }
@@ -146,14 +152,18 @@ impl SignMomentumStep {
         let scalars = [decay, lr, b1, c1, b2, c2];
         let kernel = Kernel::new("sign_momentum", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
-            let g = i[0];
             let [p, m] = o else {
                 unreachable!("two outputs")
             };
-            for k in 0..p.len() {
-                let c = m[k] * b1 + g[k] * c1;
-                p[k] = p[k] * decay - lr * sign(c);
-                m[k] = m[k] * b2 + g[k] * c2;
+            let n = p.len();
+            let g = exactly(i[0], n, "grad")?;
+            let m = exactly_mut(m, n, "exp_avg")?;
+            vectorized! {
+                for k in 0..n {
+                    let c = m[k] * b1 + g[k] * c1;
+                    p[k] = p[k] * decay - lr * sign(c);
+                    m[k] = m[k] * b2 + g[k] * c2;
+                }
             }
             Ok(())
         })
