@@ -149,6 +149,14 @@ pub fn map_hparams(
     hparams: &Map<String, Value>,
 ) -> Result<(OptimConfig, LoopOptions)> {
     let mut h = hparams.clone();
+    if optimizer == "cautious_adamw" {
+        // Its `foreach = False` path is another algorithm (HF ε placement, per-tensor steps).
+        if let Some(v) = h.get("foreach").filter(|v| **v != Value::Bool(true)) {
+            return Err(Error::Msg(format!(
+                "cautious_adamw: foreach = {v} is not supported (only the default path, true)"
+            )));
+        }
+    }
     for k in IMPLEMENTATION_ONLY {
         h.remove(*k);
     }
@@ -177,6 +185,11 @@ pub fn map_hparams(
             }
         }
         "shampoo" => map_shampoo(&mut h)?,
+        "adopt" => map_adopt_clip(&mut h)?,
+        "cautious_adamw" => {
+            // Only silences a warning.
+            take(&mut h, "no_deprecation_warning");
+        }
         _ => {}
     }
     if OptimConfig::default_for(optimizer).is_err() {
@@ -187,6 +200,38 @@ pub fn map_hparams(
     h.insert("name".into(), Value::String(optimizer.into()));
     let cfg = OptimConfig::from_json(Value::Object(h))?;
     Ok((cfg, opts))
+}
+
+/// ADOPT's `clip_lambda` (a callable of the step, recorded as its source text) onto `clip` and
+/// `clip_exponent`: `null` is no clip, `lambda step: step**e` the power bound; any other callable
+/// fails the case.
+fn map_adopt_clip(h: &mut Map<String, Value>) -> Result<()> {
+    match take(h, "clip_lambda") {
+        None => {}
+        Some(Value::Null) => {
+            h.insert("clip".into(), Value::Bool(false));
+        }
+        Some(Value::String(text)) => {
+            let exponent = text
+                .strip_prefix("lambda step:")
+                .map(str::trim)
+                .and_then(|rest| rest.strip_prefix("step**"))
+                .and_then(|e| e.trim().parse::<f64>().ok())
+                .ok_or_else(|| {
+                    Error::Msg(format!(
+                        "adopt: clip_lambda `{text}` is not supported (only `lambda step: step**e` or null)"
+                    ))
+                })?;
+            h.insert("clip".into(), Value::Bool(true));
+            h.insert("clip_exponent".into(), exponent.into());
+        }
+        Some(other) => {
+            return Err(Error::Msg(format!(
+                "adopt: clip_lambda must be null or the text of a lambda, got {other}"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// A nested reference config object: its `type` and the remaining fields.

@@ -10,6 +10,8 @@ pub mod adafactor_hf;
 pub mod adalayer;
 pub mod adamw;
 pub mod ademamix;
+pub mod adopt;
+pub mod cautious_adamw;
 pub mod lion;
 pub mod mars;
 pub mod muon;
