@@ -135,6 +135,12 @@ pub struct LoopOptions {
     /// Sophia: feed `extra.hessian_grad[t]` as the sampled-label gradient when
     /// `extra.hessian_consumed[t]` is true.
     pub hessian_from_extra: bool,
+    /// MARS exact: before step t, feed `extra.last_grad[t + 1]` as the previous gradient (the
+    /// value step t + 1 subtracts), zeros before the last step.
+    pub last_grad_from_extra: bool,
+    /// dion's `param_groups` (each group's `params` and `algorithm`), checked against the
+    /// parameters' roles before the replay.
+    pub param_groups: Option<Value>,
 }
 
 const IMPLEMENTATION_ONLY: &[&str] = &["foreach", "fused", "capturable", "differentiable"];
@@ -185,6 +191,29 @@ pub fn map_hparams(
             }
         }
         "shampoo" => map_shampoo(&mut h)?,
+        "mars" => {
+            opts.last_grad_from_extra = h.get("is_approx") == Some(&Value::Bool(false));
+        }
+        "muon" if is_dion(&h) => {
+            opts.param_groups = map_dion(&mut h, "muon")?;
+            // dion's scalar fallback inherits the constructor's lr, betas, ε and decay.
+            for (from, to) in [
+                ("lr", "adam_lr"),
+                ("betas", "adam_betas"),
+                ("epsilon", "adam_eps"),
+                ("weight_decay", "adam_weight_decay"),
+            ] {
+                if let Some(v) = h.get(from).cloned() {
+                    h.insert(to.into(), v);
+                }
+            }
+            if let Some(mu) = take(&mut h, "mu") {
+                h.insert("momentum".into(), mu);
+            }
+            take(&mut h, "betas");
+            h.insert("form".into(), "dion".into());
+        }
+        "normuon" => opts.param_groups = map_dion(&mut h, "normuon")?,
         "adopt" => map_adopt_clip(&mut h)?,
         "cautious_adamw" => {
             // Only silences a warning.
@@ -200,6 +229,102 @@ pub fn map_hparams(
     h.insert("name".into(), Value::String(optimizer.into()));
     let cfg = OptimConfig::from_json(Value::Object(h))?;
     Ok((cfg, opts))
+}
+
+/// Whether a `muon` case is microsoft/dion's (its hyperparameter names) rather than
+/// KellerJordan's.
+fn is_dion(h: &Map<String, Value>) -> bool {
+    ["mu", "use_polar_express", "adjust_lr", "distributed_mesh"]
+        .iter()
+        .any(|k| h.contains_key(*k))
+}
+
+/// The arguments dion's `Muon` and `NorMuon` share: options that select devices or kernels are
+/// accepted at their single-device value (`distributed_mesh = null`, no custom
+/// `newton_schulz_func`, no Gram Newton–Schulz; `use_triton` is a GPU kernel of the same math and
+/// accepted either way); `adjust_lr = null` is `"none"`. Returns the `param_groups`, taken out.
+fn map_dion(h: &mut Map<String, Value>, name: &str) -> Result<Option<Value>> {
+    for (key, ok) in [
+        ("distributed_mesh", Value::Null),
+        ("newton_schulz_func", Value::Null),
+        ("use_gram_newton_schulz", Value::Bool(false)),
+    ] {
+        match take(h, key) {
+            Some(v) if v != ok => {
+                return Err(Error::Msg(format!(
+                    "{name}: `{key}` = {v} is not supported (only {ok})"
+                )))
+            }
+            _ => {}
+        }
+    }
+    take(h, "use_triton");
+    if h.get("adjust_lr") == Some(&Value::Null) {
+        h.insert("adjust_lr".into(), "none".into());
+    }
+    Ok(take(h, "param_groups"))
+}
+
+/// Checks dion's `param_groups` against the roles: matrices (role `matrix`) in groups of the
+/// optimizer's own algorithm, every other parameter in an `adamw` group, each parameter in
+/// exactly one group, and no per-group overrides (the replay builds one group).
+fn check_param_groups(case: &GoldenCase, groups: &Value) -> Result<()> {
+    let bad = |what: String| Err(Error::Msg(format!("hparams.param_groups: {what}")));
+    let Value::Array(groups) = groups else {
+        return bad(format!("must be a list, got {groups}"));
+    };
+    let mut seen = BTreeMap::new();
+    for (gi, group) in groups.iter().enumerate() {
+        let Value::Object(group) = group else {
+            return bad(format!("[{gi}] must be an object"));
+        };
+        let algorithm = match group.get("algorithm") {
+            None => case.optimizer.as_str(),
+            Some(Value::String(a)) => a.as_str(),
+            Some(other) => return bad(format!("[{gi}].algorithm must be a string, got {other}")),
+        };
+        if let Some(key) = group.keys().find(|k| *k != "params" && *k != "algorithm") {
+            return bad(format!(
+                "[{gi}].{key}: per-group overrides are not supported"
+            ));
+        }
+        let Some(Value::Array(names)) = group.get("params") else {
+            return bad(format!("[{gi}].params must be a list of names"));
+        };
+        for name in names {
+            let Some(name) = name.as_str() else {
+                return bad(format!("[{gi}].params: {name} is not a name"));
+            };
+            let Some(meta) = case.param_meta.iter().find(|p| p.name == name) else {
+                return bad(format!("[{gi}].params: `{name}` is not in param_meta"));
+            };
+            let ortho = meta.role == Role::Matrix;
+            let fits = if algorithm == case.optimizer {
+                ortho
+            } else if algorithm == "adamw" {
+                !ortho
+            } else {
+                return bad(format!(
+                    "[{gi}].algorithm `{algorithm}` is not supported (only `{}` or `adamw`)",
+                    case.optimizer
+                ));
+            };
+            if !fits {
+                return bad(format!(
+                    "[{gi}]: `{name}` has role {} but is in an `{algorithm}` group; matrices are \
+                     orthogonalized and every other role takes the AdamW fallback",
+                    meta.role
+                ));
+            }
+            if seen.insert(name.to_string(), gi).is_some() {
+                return bad(format!("`{name}` is in two groups"));
+            }
+        }
+    }
+    if let Some(p) = case.param_meta.iter().find(|p| !seen.contains_key(&p.name)) {
+        return bad(format!("`{}` is in no group", p.name));
+    }
+    Ok(())
 }
 
 /// ADOPT's `clip_lambda` (a callable of the step, recorded as its source text) onto `clip` and
@@ -573,6 +698,9 @@ fn replay_inner(
         });
     }
     let (config, opts) = map_hparams(&case.optimizer, &case.hparams)?;
+    if let Some(groups) = &opts.param_groups {
+        check_param_groups(case, groups)?;
+    }
     let mut vars = Vec::new();
     for (p, init) in case.param_meta.iter().zip(&case.init) {
         vars.push((
@@ -605,6 +733,27 @@ fn replay_inner(
         let mut grads = BTreeMap::new();
         for (p, g) in case.param_meta.iter().zip(step_grads) {
             grads.insert(p.name.clone(), tensor_of(g, &p.shape, dtype, device)?);
+        }
+        if opts.last_grad_from_extra {
+            // The reference loop stores the next step's last_grad before this step; the last
+            // step has none to store (zeros: the value is never used).
+            let values = match case.extra.get("last_grad") {
+                Some(Value::Array(steps)) if s + 1 < steps.len() => {
+                    serde_json::from_value::<Vec<Vec<f64>>>(steps[s + 1].clone())
+                        .map_err(|e| Error::Msg(format!("extra.last_grad[{}]: {e}", s + 1)))?
+                }
+                Some(_) => case.init.iter().map(|v| vec![0.0; v.len()]).collect(),
+                None => {
+                    return Err(Error::Msg(
+                        "mars (is_approx = false) case lacks extra.last_grad".into(),
+                    ))
+                }
+            };
+            let mut previous = BTreeMap::new();
+            for (p, v) in case.param_meta.iter().zip(&values) {
+                previous.insert(p.name.clone(), tensor_of(v, &p.shape, dtype, device)?);
+            }
+            opt.observe_named(ExtraInput::PreviousGrad, &previous)?;
         }
         opt.step_named(&grads)?;
         if opts.hessian_from_extra {

@@ -147,6 +147,7 @@ optimizers! {
     Shampoo(crate::optim::shampoo::ShampooConfig),
     Adopt(crate::optim::algorithms::adopt::AdoptConfig),
     CautiousAdamw(crate::optim::algorithms::cautious_adamw::CautiousAdamWConfig),
+    Normuon(crate::optim::algorithms::normuon::NorMuonConfig),
 }
 
 impl OptimConfig {

@@ -15,6 +15,7 @@ pub mod cautious_adamw;
 pub mod lion;
 pub mod mars;
 pub mod muon;
+pub mod normuon;
 pub mod schedule_free;
 pub mod sgd;
 pub mod shampoo;
