@@ -214,6 +214,15 @@ pub fn map_hparams(
             h.insert("form".into(), "dion".into());
         }
         "normuon" => opts.param_groups = map_dion(&mut h, "normuon")?,
+        "adalayer_sgd" => {
+            // AdalayerWLast has no freeze; the file records the training config's null.
+            match take(&mut h, "t_freeze") {
+                None | Some(Value::Null) => {}
+                Some(v) => return Err(Error::Msg(format!(
+                    "adalayer_sgd: t_freeze = {v} is not supported (AdalayerWLast has no freeze)"
+                ))),
+            }
+        }
         "adopt" => map_adopt_clip(&mut h)?,
         "cautious_adamw" => {
             // Only silences a warning.
