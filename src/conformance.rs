@@ -46,8 +46,10 @@ pub struct GoldenParam {
     pub role: Role,
 }
 
-/// A golden case, as stored on disk.
+/// A golden case, as stored on disk. Unknown top-level fields are errors (a misspelt optional
+/// field would otherwise be ignored silently).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GoldenCase {
     /// Must be [`GOLDEN_FORMAT`].
     pub format: String,
@@ -80,7 +82,39 @@ pub struct GoldenCase {
     /// Notes from the generator.
     #[serde(default)]
     pub notes: String,
+    /// The dtype the reference ran in (informative).
+    #[serde(default)]
+    pub dtype: Option<String>,
 }
+
+/// How an `extra` key is laid out: its first dim is always the step count.
+#[derive(Clone, Copy)]
+enum ExtraLayout {
+    /// One value per step.
+    Steps,
+    /// Per step, one list per parameter.
+    StepsParams,
+    /// Per step, the parameter's values, flat (exactly its element count).
+    StepsParamsFlat,
+    /// Per step either `[]` (no update at that step) or one list per parameter.
+    StepsParamsOrEmpty,
+}
+
+/// The `extra` keys of the format (FORMAT.md) and their layouts.
+const EXTRA_KEYS: &[(&str, ExtraLayout)] = &[
+    ("hessian", ExtraLayout::StepsParamsFlat),
+    ("hessian_grad", ExtraLayout::StepsParamsFlat),
+    ("hessian_consumed", ExtraLayout::Steps),
+    ("last_grad", ExtraLayout::StepsParamsFlat),
+    ("update_probability", ExtraLayout::Steps),
+    ("precond_update_u", ExtraLayout::Steps),
+    ("precond_update", ExtraLayout::Steps),
+    ("damping_noise", ExtraLayout::StepsParamsOrEmpty),
+    ("spd_probes", ExtraLayout::StepsParamsOrEmpty),
+    ("skh_probes", ExtraLayout::StepsParamsOrEmpty),
+    ("balance_u", ExtraLayout::StepsParamsOrEmpty),
+    ("balance", ExtraLayout::StepsParams),
+];
 
 impl GoldenCase {
     /// Reads and checks a golden file.
@@ -88,43 +122,134 @@ impl GoldenCase {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
         let case: GoldenCase = serde_json::from_str(&text)
             .map_err(|e| Error::file(path, format!("not a golden file: {e}")))?;
-        if case.format != GOLDEN_FORMAT {
-            return Err(Error::file(
-                path,
-                format!("format `{}` is not {GOLDEN_FORMAT}", case.format),
+        case.check()
+            .map_err(|what| Error::file(path, format!("inconsistent golden file: {what}")))?;
+        Ok(case)
+    }
+
+    /// Checks that the file is one case: the format tag, every array's length against
+    /// `param_meta` (one entry per parameter, its element count) and against the step count
+    /// (`grads`, `expected`, `lr_schedule`, each `extra` key), and `expected_eval`. Returns the
+    /// first inconsistency, naming the field, step and parameter.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.format != GOLDEN_FORMAT {
+            return Err(format!("format `{}` is not {GOLDEN_FORMAT}", self.format));
+        }
+        let steps = self.grads.len();
+        if steps == 0 {
+            return Err("grads has no steps".into());
+        }
+        let params = |field: &str, values: &[Vec<f64>]| -> std::result::Result<(), String> {
+            if values.len() != self.param_meta.len() {
+                return Err(format!(
+                    "{field} has {} tensors, param_meta has {} parameters",
+                    values.len(),
+                    self.param_meta.len()
+                ));
+            }
+            for (v, p) in values.iter().zip(&self.param_meta) {
+                let numel = p.shape.iter().product::<usize>();
+                if v.len() != numel {
+                    return Err(format!(
+                        "{field}: `{}` has {} values, its shape {:?} has {numel}",
+                        p.name,
+                        v.len(),
+                        p.shape
+                    ));
+                }
+            }
+            Ok(())
+        };
+        params("init", &self.init)?;
+        if self.expected.len() != steps {
+            return Err(format!(
+                "expected has {} steps, grads has {steps}",
+                self.expected.len()
             ));
         }
-        let n = case.param_meta.len();
-        let numel = |p: &GoldenParam| p.shape.iter().product::<usize>();
-        let bad = |what: &str| {
-            Err(Error::file(
-                path,
-                format!("inconsistent golden file: {what}"),
-            ))
-        };
-        if case.init.len() != n
-            || case
-                .init
-                .iter()
-                .zip(&case.param_meta)
-                .any(|(v, p)| v.len() != numel(p))
-        {
-            return bad("init does not match param_meta");
+        for (s, (g, e)) in self.grads.iter().zip(&self.expected).enumerate() {
+            params(&format!("grads[{s}]"), g)?;
+            params(&format!("expected[{s}]"), e)?;
         }
-        if case.grads.len() != case.expected.len() {
-            return bad("grads and expected have different step counts");
+        if let Some(eval) = &self.expected_eval {
+            params("expected_eval", eval)?;
         }
-        for step in case.grads.iter().chain(&case.expected) {
-            if step.len() != n
-                || step
-                    .iter()
-                    .zip(&case.param_meta)
-                    .any(|(v, p)| v.len() != numel(p))
-            {
-                return bad("a step's tensors do not match param_meta");
+        if let Some(lrs) = &self.lr_schedule {
+            if lrs.len() != steps {
+                return Err(format!(
+                    "lr_schedule has {} entries, grads has {steps} steps",
+                    lrs.len()
+                ));
             }
         }
-        Ok(case)
+        for (key, value) in &self.extra {
+            let Some(&(_, layout)) = EXTRA_KEYS.iter().find(|(k, _)| k == key) else {
+                return Err(format!(
+                    "extra.{key} is not a key of the format (FORMAT.md lists them)"
+                ));
+            };
+            self.check_extra(key, value, layout, steps)?;
+        }
+        Ok(())
+    }
+
+    fn check_extra(
+        &self,
+        key: &str,
+        value: &Value,
+        layout: ExtraLayout,
+        steps: usize,
+    ) -> std::result::Result<(), String> {
+        let Value::Array(per_step) = value else {
+            return Err(format!("extra.{key} is not a list"));
+        };
+        if per_step.len() != steps {
+            return Err(format!(
+                "extra.{key} has {} steps, grads has {steps}",
+                per_step.len()
+            ));
+        }
+        let n = self.param_meta.len();
+        for (s, entry) in per_step.iter().enumerate() {
+            let field = format!("extra.{key}[{s}]");
+            match layout {
+                ExtraLayout::Steps => {}
+                ExtraLayout::StepsParams | ExtraLayout::StepsParamsOrEmpty => {
+                    let Value::Array(list) = entry else {
+                        return Err(format!("{field} is not a list"));
+                    };
+                    let empty_ok = matches!(layout, ExtraLayout::StepsParamsOrEmpty);
+                    if list.len() != n && !(empty_ok && list.is_empty()) {
+                        return Err(format!(
+                            "{field} has {} entries, param_meta has {n} parameters",
+                            list.len()
+                        ));
+                    }
+                }
+                ExtraLayout::StepsParamsFlat => {
+                    let values: Vec<Vec<f64>> = serde_json::from_value(entry.clone())
+                        .map_err(|e| format!("{field} is not a list of number lists: {e}"))?;
+                    if values.len() != n {
+                        return Err(format!(
+                            "{field} has {} tensors, param_meta has {n} parameters",
+                            values.len()
+                        ));
+                    }
+                    for (v, p) in values.iter().zip(&self.param_meta) {
+                        let numel = p.shape.iter().product::<usize>();
+                        if v.len() != numel {
+                            return Err(format!(
+                                "{field}: `{}` has {} values, its shape {:?} has {numel}",
+                                p.name,
+                                v.len(),
+                                p.shape
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -218,9 +343,11 @@ pub fn map_hparams(
             // AdalayerWLast has no freeze; the file records the training config's null.
             match take(&mut h, "t_freeze") {
                 None | Some(Value::Null) => {}
-                Some(v) => return Err(Error::Msg(format!(
+                Some(v) => {
+                    return Err(Error::Msg(format!(
                     "adalayer_sgd: t_freeze = {v} is not supported (AdalayerWLast has no freeze)"
-                ))),
+                )))
+                }
             }
         }
         "adopt" => map_adopt_clip(&mut h)?,
@@ -575,7 +702,14 @@ fn compare(
     expected: &[f64],
     tol: Tolerance,
     dev: &mut Deviation,
-) -> Option<(usize, f64, f64)> {
+) -> Result<Option<(usize, f64, f64)>> {
+    if actual.len() != expected.len() {
+        return Err(Error::Msg(format!(
+            "{} values to compare with {} expected",
+            actual.len(),
+            expected.len()
+        )));
+    }
     let mut first_bad = None;
     for (k, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let err = (a - e).abs();
@@ -594,7 +728,7 @@ fn compare(
             first_bad = Some((k, a, e));
         }
     }
-    first_bad
+    Ok(first_bad)
 }
 
 fn tensor_of(values: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -706,6 +840,8 @@ fn replay_inner(
             dtype,
         });
     }
+    case.check()
+        .map_err(|what| Error::Msg(format!("inconsistent golden case: {what}")))?;
     let (config, opts) = map_hparams(&case.optimizer, &case.hparams)?;
     if let Some(groups) = &opts.param_groups {
         check_param_groups(case, groups)?;
@@ -772,7 +908,8 @@ fn replay_inner(
                 ));
             };
             if consumed.get(s).and_then(Value::as_bool).unwrap_or(false) {
-                let per_param: Vec<Vec<f64>> = serde_json::from_value(hg[s].clone())
+                let entry = hg.get(s).cloned().unwrap_or(Value::Null);
+                let per_param: Vec<Vec<f64>> = serde_json::from_value(entry)
                     .map_err(|e| Error::Msg(format!("extra.hessian_grad[{s}]: {e}")))?;
                 let mut values = BTreeMap::new();
                 for (p, v) in case.param_meta.iter().zip(&per_param) {
@@ -784,7 +921,7 @@ fn replay_inner(
         let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&current[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &case.expected[s][pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &case.expected[s][pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "step {} param {} [{k}]: got {a:e}, expected {e:e} (|diff| {:.3e} > atol {:e} + rtol {:e}·|e|)",
                     s + 1,
@@ -800,7 +937,7 @@ fn replay_inner(
         let eval: BTreeMap<String, Tensor> = opt.eval_params()?.into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&eval[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "eval params {} [{k}]: got {a:e}, expected {e:e}",
                     p.name
@@ -812,7 +949,7 @@ fn replay_inner(
         let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&current[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "eval mode {} [{k}]: got {a:e}, expected {e:e}",
                     p.name
