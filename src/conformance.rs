@@ -753,7 +753,8 @@ pub fn replay(case: &GoldenCase, dtype: DType) -> Outcome {
 /// its f64 run, and the CPU f32 replay meets it. On the GPU:
 ///
 /// - **1**: every pass is a kernel that rounds like its CPU twin (bit-identical in host
-///   emulation), so the GPU replay is the CPU replay;
+///   emulation), or runs on the host (ADOPT, Cautious AdamW), so the GPU replay is the CPU
+///   replay;
 /// - **2**: one reduction runs in another order (Adalayer's block sums, MARS's clipping norm,
 ///   Adafactor's row and column sums): a few ulps in one scalar per tensor;
 /// - **4**: matrix products on cuBLAS (Muon's Newton–Schulz, SOAP's rotations, the factor
@@ -776,7 +777,9 @@ pub fn gpu_f32_factor(optimizer: &str) -> f64 {
         | "simplified_ademamix"
         | "schedulefree_adamw"
         | "schedulefree_sgd"
-        | "sophia" => 1.0,
+        | "sophia"
+        | "adopt"
+        | "cautious_adamw" => 1.0,
         "adalayer" | "adalayer_sgd" | "mars" | "adafactor" | "adafactor_hf" => 2.0,
         _ => 4.0,
     }
