@@ -128,7 +128,7 @@ impl Adopt {
                 };
                 for ((v, p), &g) in v.iter_mut().zip(p.iter()).zip(i[0]) {
                     let g = sign * g + l2 * *p;
-                    *v = *v + g * g;
+                    *v += g * g;
                 }
                 Ok(())
             });
@@ -158,7 +158,7 @@ impl Adopt {
                 let n = g / num_traits::Float::max(v.sqrt(), eps);
                 let n = num_traits::Float::min(num_traits::Float::max(n, -clip), clip);
                 *m = lerp(*m, n, w1);
-                *p = *p + neg_lr * *m;
+                *p += neg_lr * *m;
                 *v = *v * b2 + c2 * (g * g);
             }
             Ok(())

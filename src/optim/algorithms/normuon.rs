@@ -360,7 +360,7 @@ impl Fallback {
             zip_mut::<T>(&[param.as_tensor()], &[&before, m], |o, i| {
                 for ((p, &old), &m) in o[0].iter_mut().zip(i[0]).zip(i[1]) {
                     if m * old < T::of(0.0) {
-                        *p = *p + lr_wd * old;
+                        *p += lr_wd * old;
                     }
                 }
                 Ok(())
@@ -438,7 +438,7 @@ mod tests {
 
     use super::*;
     use crate::optim::testing::{self, flat, lcg_from_state, max_diff, param as get, Shapes};
-    use crate::optim::{Driver, OptimConfig, Optimizer};
+    use crate::optim::{Driver, OptimConfig};
 
     const PARAMS: &[(&str, &[usize])] = &[("wide", &[4, 6]), ("tall", &[6, 4])];
 
