@@ -46,8 +46,10 @@ pub struct GoldenParam {
     pub role: Role,
 }
 
-/// A golden case, as stored on disk.
+/// A golden case, as stored on disk. Unknown top-level fields are errors (a misspelt optional
+/// field would otherwise be ignored silently).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GoldenCase {
     /// Must be [`GOLDEN_FORMAT`].
     pub format: String,
@@ -80,7 +82,39 @@ pub struct GoldenCase {
     /// Notes from the generator.
     #[serde(default)]
     pub notes: String,
+    /// The dtype the reference ran in (informative).
+    #[serde(default)]
+    pub dtype: Option<String>,
 }
+
+/// How an `extra` key is laid out: its first dim is always the step count.
+#[derive(Clone, Copy)]
+enum ExtraLayout {
+    /// One value per step.
+    Steps,
+    /// Per step, one list per parameter.
+    StepsParams,
+    /// Per step, the parameter's values, flat (exactly its element count).
+    StepsParamsFlat,
+    /// Per step either `[]` (no update at that step) or one list per parameter.
+    StepsParamsOrEmpty,
+}
+
+/// The `extra` keys of the format (FORMAT.md) and their layouts.
+const EXTRA_KEYS: &[(&str, ExtraLayout)] = &[
+    ("hessian", ExtraLayout::StepsParamsFlat),
+    ("hessian_grad", ExtraLayout::StepsParamsFlat),
+    ("hessian_consumed", ExtraLayout::Steps),
+    ("last_grad", ExtraLayout::StepsParamsFlat),
+    ("update_probability", ExtraLayout::Steps),
+    ("precond_update_u", ExtraLayout::Steps),
+    ("precond_update", ExtraLayout::Steps),
+    ("damping_noise", ExtraLayout::StepsParamsOrEmpty),
+    ("spd_probes", ExtraLayout::StepsParamsOrEmpty),
+    ("skh_probes", ExtraLayout::StepsParamsOrEmpty),
+    ("balance_u", ExtraLayout::StepsParamsOrEmpty),
+    ("balance", ExtraLayout::StepsParams),
+];
 
 impl GoldenCase {
     /// Reads and checks a golden file.
@@ -88,43 +122,134 @@ impl GoldenCase {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
         let case: GoldenCase = serde_json::from_str(&text)
             .map_err(|e| Error::file(path, format!("not a golden file: {e}")))?;
-        if case.format != GOLDEN_FORMAT {
-            return Err(Error::file(
-                path,
-                format!("format `{}` is not {GOLDEN_FORMAT}", case.format),
+        case.check()
+            .map_err(|what| Error::file(path, format!("inconsistent golden file: {what}")))?;
+        Ok(case)
+    }
+
+    /// Checks that the file is one case: the format tag, every array's length against
+    /// `param_meta` (one entry per parameter, its element count) and against the step count
+    /// (`grads`, `expected`, `lr_schedule`, each `extra` key), and `expected_eval`. Returns the
+    /// first inconsistency, naming the field, step and parameter.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.format != GOLDEN_FORMAT {
+            return Err(format!("format `{}` is not {GOLDEN_FORMAT}", self.format));
+        }
+        let steps = self.grads.len();
+        if steps == 0 {
+            return Err("grads has no steps".into());
+        }
+        let params = |field: &str, values: &[Vec<f64>]| -> std::result::Result<(), String> {
+            if values.len() != self.param_meta.len() {
+                return Err(format!(
+                    "{field} has {} tensors, param_meta has {} parameters",
+                    values.len(),
+                    self.param_meta.len()
+                ));
+            }
+            for (v, p) in values.iter().zip(&self.param_meta) {
+                let numel = p.shape.iter().product::<usize>();
+                if v.len() != numel {
+                    return Err(format!(
+                        "{field}: `{}` has {} values, its shape {:?} has {numel}",
+                        p.name,
+                        v.len(),
+                        p.shape
+                    ));
+                }
+            }
+            Ok(())
+        };
+        params("init", &self.init)?;
+        if self.expected.len() != steps {
+            return Err(format!(
+                "expected has {} steps, grads has {steps}",
+                self.expected.len()
             ));
         }
-        let n = case.param_meta.len();
-        let numel = |p: &GoldenParam| p.shape.iter().product::<usize>();
-        let bad = |what: &str| {
-            Err(Error::file(
-                path,
-                format!("inconsistent golden file: {what}"),
-            ))
-        };
-        if case.init.len() != n
-            || case
-                .init
-                .iter()
-                .zip(&case.param_meta)
-                .any(|(v, p)| v.len() != numel(p))
-        {
-            return bad("init does not match param_meta");
+        for (s, (g, e)) in self.grads.iter().zip(&self.expected).enumerate() {
+            params(&format!("grads[{s}]"), g)?;
+            params(&format!("expected[{s}]"), e)?;
         }
-        if case.grads.len() != case.expected.len() {
-            return bad("grads and expected have different step counts");
+        if let Some(eval) = &self.expected_eval {
+            params("expected_eval", eval)?;
         }
-        for step in case.grads.iter().chain(&case.expected) {
-            if step.len() != n
-                || step
-                    .iter()
-                    .zip(&case.param_meta)
-                    .any(|(v, p)| v.len() != numel(p))
-            {
-                return bad("a step's tensors do not match param_meta");
+        if let Some(lrs) = &self.lr_schedule {
+            if lrs.len() != steps {
+                return Err(format!(
+                    "lr_schedule has {} entries, grads has {steps} steps",
+                    lrs.len()
+                ));
             }
         }
-        Ok(case)
+        for (key, value) in &self.extra {
+            let Some(&(_, layout)) = EXTRA_KEYS.iter().find(|(k, _)| k == key) else {
+                return Err(format!(
+                    "extra.{key} is not a key of the format (FORMAT.md lists them)"
+                ));
+            };
+            self.check_extra(key, value, layout, steps)?;
+        }
+        Ok(())
+    }
+
+    fn check_extra(
+        &self,
+        key: &str,
+        value: &Value,
+        layout: ExtraLayout,
+        steps: usize,
+    ) -> std::result::Result<(), String> {
+        let Value::Array(per_step) = value else {
+            return Err(format!("extra.{key} is not a list"));
+        };
+        if per_step.len() != steps {
+            return Err(format!(
+                "extra.{key} has {} steps, grads has {steps}",
+                per_step.len()
+            ));
+        }
+        let n = self.param_meta.len();
+        for (s, entry) in per_step.iter().enumerate() {
+            let field = format!("extra.{key}[{s}]");
+            match layout {
+                ExtraLayout::Steps => {}
+                ExtraLayout::StepsParams | ExtraLayout::StepsParamsOrEmpty => {
+                    let Value::Array(list) = entry else {
+                        return Err(format!("{field} is not a list"));
+                    };
+                    let empty_ok = matches!(layout, ExtraLayout::StepsParamsOrEmpty);
+                    if list.len() != n && !(empty_ok && list.is_empty()) {
+                        return Err(format!(
+                            "{field} has {} entries, param_meta has {n} parameters",
+                            list.len()
+                        ));
+                    }
+                }
+                ExtraLayout::StepsParamsFlat => {
+                    let values: Vec<Vec<f64>> = serde_json::from_value(entry.clone())
+                        .map_err(|e| format!("{field} is not a list of number lists: {e}"))?;
+                    if values.len() != n {
+                        return Err(format!(
+                            "{field} has {} tensors, param_meta has {n} parameters",
+                            values.len()
+                        ));
+                    }
+                    for (v, p) in values.iter().zip(&self.param_meta) {
+                        let numel = p.shape.iter().product::<usize>();
+                        if v.len() != numel {
+                            return Err(format!(
+                                "{field}: `{}` has {} values, its shape {:?} has {numel}",
+                                p.name,
+                                v.len(),
+                                p.shape
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +260,12 @@ pub struct LoopOptions {
     /// Sophia: feed `extra.hessian_grad[t]` as the sampled-label gradient when
     /// `extra.hessian_consumed[t]` is true.
     pub hessian_from_extra: bool,
+    /// MARS exact: before step t, feed `extra.last_grad[t + 1]` as the previous gradient (the
+    /// value step t + 1 subtracts), zeros before the last step.
+    pub last_grad_from_extra: bool,
+    /// dion's `param_groups` (each group's `params` and `algorithm`), checked against the
+    /// parameters' roles before the replay.
+    pub param_groups: Option<Value>,
 }
 
 const IMPLEMENTATION_ONLY: &[&str] = &["foreach", "fused", "capturable", "differentiable"];
@@ -149,6 +280,14 @@ pub fn map_hparams(
     hparams: &Map<String, Value>,
 ) -> Result<(OptimConfig, LoopOptions)> {
     let mut h = hparams.clone();
+    if optimizer == "cautious_adamw" {
+        // Its `foreach = False` path is another algorithm (HF ε placement, per-tensor steps).
+        if let Some(v) = h.get("foreach").filter(|v| **v != Value::Bool(true)) {
+            return Err(Error::Msg(format!(
+                "cautious_adamw: foreach = {v} is not supported (only the default path, true)"
+            )));
+        }
+    }
     for k in IMPLEMENTATION_ONLY {
         h.remove(*k);
     }
@@ -177,6 +316,45 @@ pub fn map_hparams(
             }
         }
         "shampoo" => map_shampoo(&mut h)?,
+        "mars" => {
+            opts.last_grad_from_extra = h.get("is_approx") == Some(&Value::Bool(false));
+        }
+        "muon" if is_dion(&h) => {
+            opts.param_groups = map_dion(&mut h, "muon")?;
+            // dion's scalar fallback inherits the constructor's lr, betas, ε and decay.
+            for (from, to) in [
+                ("lr", "adam_lr"),
+                ("betas", "adam_betas"),
+                ("epsilon", "adam_eps"),
+                ("weight_decay", "adam_weight_decay"),
+            ] {
+                if let Some(v) = h.get(from).cloned() {
+                    h.insert(to.into(), v);
+                }
+            }
+            if let Some(mu) = take(&mut h, "mu") {
+                h.insert("momentum".into(), mu);
+            }
+            take(&mut h, "betas");
+            h.insert("form".into(), "dion".into());
+        }
+        "normuon" => opts.param_groups = map_dion(&mut h, "normuon")?,
+        "adalayer_sgd" => {
+            // AdalayerWLast has no freeze; the file records the training config's null.
+            match take(&mut h, "t_freeze") {
+                None | Some(Value::Null) => {}
+                Some(v) => {
+                    return Err(Error::Msg(format!(
+                    "adalayer_sgd: t_freeze = {v} is not supported (AdalayerWLast has no freeze)"
+                )))
+                }
+            }
+        }
+        "adopt" => map_adopt_clip(&mut h)?,
+        "cautious_adamw" => {
+            // Only silences a warning.
+            take(&mut h, "no_deprecation_warning");
+        }
         _ => {}
     }
     if OptimConfig::default_for(optimizer).is_err() {
@@ -187,6 +365,134 @@ pub fn map_hparams(
     h.insert("name".into(), Value::String(optimizer.into()));
     let cfg = OptimConfig::from_json(Value::Object(h))?;
     Ok((cfg, opts))
+}
+
+/// Whether a `muon` case is microsoft/dion's (its hyperparameter names) rather than
+/// KellerJordan's.
+fn is_dion(h: &Map<String, Value>) -> bool {
+    ["mu", "use_polar_express", "adjust_lr", "distributed_mesh"]
+        .iter()
+        .any(|k| h.contains_key(*k))
+}
+
+/// The arguments dion's `Muon` and `NorMuon` share: options that select devices or kernels are
+/// accepted at their single-device value (`distributed_mesh = null`, no custom
+/// `newton_schulz_func`, no Gram Newton–Schulz; `use_triton` is a GPU kernel of the same math and
+/// accepted either way); `adjust_lr = null` is `"none"`. Returns the `param_groups`, taken out.
+fn map_dion(h: &mut Map<String, Value>, name: &str) -> Result<Option<Value>> {
+    for (key, ok) in [
+        ("distributed_mesh", Value::Null),
+        ("newton_schulz_func", Value::Null),
+        ("use_gram_newton_schulz", Value::Bool(false)),
+    ] {
+        match take(h, key) {
+            Some(v) if v != ok => {
+                return Err(Error::Msg(format!(
+                    "{name}: `{key}` = {v} is not supported (only {ok})"
+                )))
+            }
+            _ => {}
+        }
+    }
+    take(h, "use_triton");
+    if h.get("adjust_lr") == Some(&Value::Null) {
+        h.insert("adjust_lr".into(), "none".into());
+    }
+    Ok(take(h, "param_groups"))
+}
+
+/// Checks dion's `param_groups` against the roles: matrices (role `matrix`) in groups of the
+/// optimizer's own algorithm, every other parameter in an `adamw` group, each parameter in
+/// exactly one group, and no per-group overrides (the replay builds one group).
+fn check_param_groups(case: &GoldenCase, groups: &Value) -> Result<()> {
+    let bad = |what: String| Err(Error::Msg(format!("hparams.param_groups: {what}")));
+    let Value::Array(groups) = groups else {
+        return bad(format!("must be a list, got {groups}"));
+    };
+    let mut seen = BTreeMap::new();
+    for (gi, group) in groups.iter().enumerate() {
+        let Value::Object(group) = group else {
+            return bad(format!("[{gi}] must be an object"));
+        };
+        let algorithm = match group.get("algorithm") {
+            None => case.optimizer.as_str(),
+            Some(Value::String(a)) => a.as_str(),
+            Some(other) => return bad(format!("[{gi}].algorithm must be a string, got {other}")),
+        };
+        if let Some(key) = group.keys().find(|k| *k != "params" && *k != "algorithm") {
+            return bad(format!(
+                "[{gi}].{key}: per-group overrides are not supported"
+            ));
+        }
+        let Some(Value::Array(names)) = group.get("params") else {
+            return bad(format!("[{gi}].params must be a list of names"));
+        };
+        for name in names {
+            let Some(name) = name.as_str() else {
+                return bad(format!("[{gi}].params: {name} is not a name"));
+            };
+            let Some(meta) = case.param_meta.iter().find(|p| p.name == name) else {
+                return bad(format!("[{gi}].params: `{name}` is not in param_meta"));
+            };
+            let ortho = meta.role == Role::Matrix;
+            let fits = if algorithm == case.optimizer {
+                ortho
+            } else if algorithm == "adamw" {
+                !ortho
+            } else {
+                return bad(format!(
+                    "[{gi}].algorithm `{algorithm}` is not supported (only `{}` or `adamw`)",
+                    case.optimizer
+                ));
+            };
+            if !fits {
+                return bad(format!(
+                    "[{gi}]: `{name}` has role {} but is in an `{algorithm}` group; matrices are \
+                     orthogonalized and every other role takes the AdamW fallback",
+                    meta.role
+                ));
+            }
+            if seen.insert(name.to_string(), gi).is_some() {
+                return bad(format!("`{name}` is in two groups"));
+            }
+        }
+    }
+    if let Some(p) = case.param_meta.iter().find(|p| !seen.contains_key(&p.name)) {
+        return bad(format!("`{}` is in no group", p.name));
+    }
+    Ok(())
+}
+
+/// ADOPT's `clip_lambda` (a callable of the step, recorded as its source text) onto `clip` and
+/// `clip_exponent`: `null` is no clip, `lambda step: step**e` the power bound; any other callable
+/// fails the case.
+fn map_adopt_clip(h: &mut Map<String, Value>) -> Result<()> {
+    match take(h, "clip_lambda") {
+        None => {}
+        Some(Value::Null) => {
+            h.insert("clip".into(), Value::Bool(false));
+        }
+        Some(Value::String(text)) => {
+            let exponent = text
+                .strip_prefix("lambda step:")
+                .map(str::trim)
+                .and_then(|rest| rest.strip_prefix("step**"))
+                .and_then(|e| e.trim().parse::<f64>().ok())
+                .ok_or_else(|| {
+                    Error::Msg(format!(
+                        "adopt: clip_lambda `{text}` is not supported (only `lambda step: step**e` or null)"
+                    ))
+                })?;
+            h.insert("clip".into(), Value::Bool(true));
+            h.insert("clip_exponent".into(), exponent.into());
+        }
+        Some(other) => {
+            return Err(Error::Msg(format!(
+                "adopt: clip_lambda must be null or the text of a lambda, got {other}"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// A nested reference config object: its `type` and the remaining fields.
@@ -396,7 +702,14 @@ fn compare(
     expected: &[f64],
     tol: Tolerance,
     dev: &mut Deviation,
-) -> Option<(usize, f64, f64)> {
+) -> Result<Option<(usize, f64, f64)>> {
+    if actual.len() != expected.len() {
+        return Err(Error::Msg(format!(
+            "{} values to compare with {} expected",
+            actual.len(),
+            expected.len()
+        )));
+    }
     let mut first_bad = None;
     for (k, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let err = (a - e).abs();
@@ -415,7 +728,7 @@ fn compare(
             first_bad = Some((k, a, e));
         }
     }
-    first_bad
+    Ok(first_bad)
 }
 
 fn tensor_of(values: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -440,7 +753,8 @@ pub fn replay(case: &GoldenCase, dtype: DType) -> Outcome {
 /// its f64 run, and the CPU f32 replay meets it. On the GPU:
 ///
 /// - **1**: every pass is a kernel that rounds like its CPU twin (bit-identical in host
-///   emulation), so the GPU replay is the CPU replay;
+///   emulation), or runs on the host (ADOPT, Cautious AdamW), so the GPU replay is the CPU
+///   replay;
 /// - **2**: one reduction runs in another order (Adalayer's block sums, MARS's clipping norm,
 ///   Adafactor's row and column sums): a few ulps in one scalar per tensor;
 /// - **4**: matrix products on cuBLAS (Muon's Newton–Schulz, SOAP's rotations, the factor
@@ -463,7 +777,9 @@ pub fn gpu_f32_factor(optimizer: &str) -> f64 {
         | "simplified_ademamix"
         | "schedulefree_adamw"
         | "schedulefree_sgd"
-        | "sophia" => 1.0,
+        | "sophia"
+        | "adopt"
+        | "cautious_adamw" => 1.0,
         "adalayer" | "adalayer_sgd" | "mars" | "adafactor" | "adafactor_hf" => 2.0,
         _ => 4.0,
     }
@@ -527,7 +843,12 @@ fn replay_inner(
             dtype,
         });
     }
+    case.check()
+        .map_err(|what| Error::Msg(format!("inconsistent golden case: {what}")))?;
     let (config, opts) = map_hparams(&case.optimizer, &case.hparams)?;
+    if let Some(groups) = &opts.param_groups {
+        check_param_groups(case, groups)?;
+    }
     let mut vars = Vec::new();
     for (p, init) in case.param_meta.iter().zip(&case.init) {
         vars.push((
@@ -561,6 +882,27 @@ fn replay_inner(
         for (p, g) in case.param_meta.iter().zip(step_grads) {
             grads.insert(p.name.clone(), tensor_of(g, &p.shape, dtype, device)?);
         }
+        if opts.last_grad_from_extra {
+            // The reference loop stores the next step's last_grad before this step; the last
+            // step has none to store (zeros: the value is never used).
+            let values = match case.extra.get("last_grad") {
+                Some(Value::Array(steps)) if s + 1 < steps.len() => {
+                    serde_json::from_value::<Vec<Vec<f64>>>(steps[s + 1].clone())
+                        .map_err(|e| Error::Msg(format!("extra.last_grad[{}]: {e}", s + 1)))?
+                }
+                Some(_) => case.init.iter().map(|v| vec![0.0; v.len()]).collect(),
+                None => {
+                    return Err(Error::Msg(
+                        "mars (is_approx = false) case lacks extra.last_grad".into(),
+                    ))
+                }
+            };
+            let mut previous = BTreeMap::new();
+            for (p, v) in case.param_meta.iter().zip(&values) {
+                previous.insert(p.name.clone(), tensor_of(v, &p.shape, dtype, device)?);
+            }
+            opt.observe_named(ExtraInput::PreviousGrad, &previous)?;
+        }
         opt.step_named(&grads)?;
         if opts.hessian_from_extra {
             let (Some(consumed), Some(hg)) = (&consumed, &hessian_grad) else {
@@ -569,7 +911,8 @@ fn replay_inner(
                 ));
             };
             if consumed.get(s).and_then(Value::as_bool).unwrap_or(false) {
-                let per_param: Vec<Vec<f64>> = serde_json::from_value(hg[s].clone())
+                let entry = hg.get(s).cloned().unwrap_or(Value::Null);
+                let per_param: Vec<Vec<f64>> = serde_json::from_value(entry)
                     .map_err(|e| Error::Msg(format!("extra.hessian_grad[{s}]: {e}")))?;
                 let mut values = BTreeMap::new();
                 for (p, v) in case.param_meta.iter().zip(&per_param) {
@@ -581,7 +924,7 @@ fn replay_inner(
         let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&current[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &case.expected[s][pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &case.expected[s][pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "step {} param {} [{k}]: got {a:e}, expected {e:e} (|diff| {:.3e} > atol {:e} + rtol {:e}·|e|)",
                     s + 1,
@@ -597,7 +940,7 @@ fn replay_inner(
         let eval: BTreeMap<String, Tensor> = opt.eval_params()?.into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&eval[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "eval params {} [{k}]: got {a:e}, expected {e:e}",
                     p.name
@@ -609,7 +952,7 @@ fn replay_inner(
         let current: BTreeMap<String, Var> = opt.vars().into_iter().collect();
         for (pi, p) in case.param_meta.iter().enumerate() {
             let actual = values_of(&current[&p.name])?;
-            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev) {
+            if let Some((k, a, e)) = compare(&actual, &expected_eval[pi], tol, &mut dev)? {
                 return Ok(Outcome::Fail(format!(
                     "eval mode {} [{k}]: got {a:e}, expected {e:e}",
                     p.name

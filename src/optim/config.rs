@@ -145,6 +145,9 @@ optimizers! {
     AdalayerSgd(crate::optim::adalayer::AdalayerSgdConfig),
     Soap(crate::optim::soap::SoapConfig),
     Shampoo(crate::optim::shampoo::ShampooConfig),
+    Adopt(crate::optim::algorithms::adopt::AdoptConfig),
+    CautiousAdamw(crate::optim::algorithms::cautious_adamw::CautiousAdamWConfig),
+    Normuon(crate::optim::algorithms::normuon::NorMuonConfig),
 }
 
 impl OptimConfig {

@@ -31,8 +31,8 @@ pub(crate) use crate::testing;
 // The paths these modules had before they moved into `algorithms`, `math` and `training`.
 pub use crate::training::{clip, ewa, schedule};
 pub use algorithms::{
-    adafactor, adafactor_hf, adalayer, adamw, ademamix, lion, mars, muon, schedule_free, sgd,
-    shampoo, signum, simplified_ademamix, soap, sophia,
+    adafactor, adafactor_hf, adalayer, adamw, ademamix, adopt, cautious_adamw, lion, mars, muon,
+    normuon, schedule_free, sgd, shampoo, signum, simplified_ademamix, soap, sophia,
 };
 pub use math::{kron, newton_schulz, warmup};
 

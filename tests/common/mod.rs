@@ -14,6 +14,9 @@ pub fn tuned(name: &str) -> Option<&'static str> {
     Some(match name {
         "sgd" => "lr = 0.002\nmomentum = 0.9",
         "adamw" => "lr = 0.02",
+        "adopt" => "lr = 0.02\nbetas = [0.9, 0.999]",
+        "cautious_adamw" => "lr = 0.02",
+        "normuon" => "lr = 0.02\nweight_decay = 0.0",
         "signum" | "lion" => "lr = 0.003",
         "sophia" => "lr = 0.01\nbs = 1\nrho = 0.05",
         "adafactor" => "lr = 0.05",

@@ -48,9 +48,13 @@
 //! rows (`lastlayer_correction`), the embedding rows (`firstlayer_correction`) and the norm
 //! tensors (`update_norm`, one block each) are adaptive; every other parameter, the fused QKV
 //! included (`att_correction` is a no-op there), takes `p ← p·(1 − lr·λ) − (lr/(1 − β1^t))·m`
-//! with denominator exactly 1: no ε, no second-moment correction. In the paper the head and the
-//! norms also get their own learning rate (`lr_last`); give them a parameter group with its own
-//! `lr` for that.
+//! with denominator exactly 1: no ε, no second-moment correction. The head and the norms may run
+//! at their own learning rate, `lr_last` (the reference's "last layer" and "norm" parameter
+//! groups): with `update_last` the head (role `head`), with `update_norm` every norm tensor whose
+//! name does not end in `bias`, step at `lr_last` × the schedule factor (weight decay stays the
+//! group's, as in the reference, where those groups carry none of their own). `update_last` only
+//! chooses the lr; whether the head is adaptive is `lastlayer_correction`'s choice. Without
+//! `lr_last` every tensor runs at the group's lr.
 //!
 //! Defaults are the reference constructors': lr 1e-3, β = (0.9, 0.999), ε = 1e-8, λ = 1e-2, all
 //! corrections off, `update_last` on, `update_norm` off, no freeze. The paper's runs use
@@ -147,8 +151,15 @@ pub struct AdalayerSgdConfig {
     pub firstlayer_correction: bool,
     /// Do not train 1-D norm tensors at all.
     pub no_norm_training: bool,
-    /// Adalayer with one block per tensor on the norm tensors (role `norm`).
+    /// Adalayer with one block per tensor on the norm tensors (role `norm`), which also run at
+    /// `lr_last` (except biases).
     pub update_norm: bool,
+    /// The head runs at `lr_last`.
+    pub update_last: bool,
+    /// Learning rate of the head (`update_last`) and norm weights (`update_norm`), scaled by
+    /// the schedule factor; absent: the group's lr.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_last: Option<f64>,
     /// Substring naming the fused QKV projection (see [`AdalayerConfig::qkv_pattern`]).
     pub qkv_pattern: String,
 }
@@ -165,6 +176,8 @@ impl Default for AdalayerSgdConfig {
             firstlayer_correction: false,
             no_norm_training: false,
             update_norm: false,
+            update_last: true,
+            lr_last: None,
             qkv_pattern: DEFAULT_QKV_PATTERN.to_string(),
         }
     }
@@ -304,6 +317,13 @@ impl AdalayerSgdConfig {
             Blocks::Sgd
         }
     }
+
+    /// `lr_last` if this parameter runs at it (the reference's "last layer" and "norm" groups).
+    pub fn last_lr(&self, meta: &ParamMeta) -> Option<f64> {
+        let last = self.update_last && meta.role == Role::Head;
+        let norm = self.update_norm && is_norm(meta) && !meta.name.ends_with("bias");
+        self.lr_last.filter(|_| last || norm)
+    }
 }
 
 impl RuleConfig for AdalayerConfig {
@@ -343,7 +363,11 @@ impl RuleConfig for AdalayerSgdConfig {
             self.eps,
             self.weight_decay,
             &self.qkv_pattern,
-        )
+        )?;
+        if let Some(lr) = self.lr_last {
+            check::non_negative("adalayer_sgd.lr_last", lr)?;
+        }
+        Ok(())
     }
     hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
@@ -568,7 +592,14 @@ impl Rule for AdalayerSgd {
         }
         let t = state.next_step();
         let blocks = self.0.blocks(meta);
-        let mut plan = Plan::new(ctx, self.0.betas, self.0.eps, t, true);
+        let ctx = match self.0.last_lr(meta) {
+            Some(lr) => StepCtx {
+                lr: lr * ctx.lr_factor,
+                ..*ctx
+            },
+            None => *ctx,
+        };
+        let mut plan = Plan::new(&ctx, self.0.betas, self.0.eps, t, true);
         if blocks != Blocks::Sgd {
             plan.v_weight = Some(1.0 - self.0.betas.1);
         }
@@ -816,6 +847,58 @@ mod tests {
                 Some(_) => assert_close(&run.v(name)?.expect("v"), &v),
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn lr_last_moves_the_head_and_norm_weights_only() -> Result<()> {
+        const LAST: f64 = 0.003;
+        let shapes: Vec<(&str, &[usize])> = SHAPES
+            .iter()
+            .copied()
+            .chain([("blocks.0.attn_norm.bias", &[2usize][..])])
+            .collect();
+        let cfg = |lr: f64, lr_last: Option<f64>, update_last: bool| {
+            adalayer_sgd(|c| {
+                c.lr = lr;
+                c.lr_last = lr_last;
+                c.update_last = update_last;
+                c.lastlayer_correction = true;
+                c.update_norm = true;
+            })
+        };
+        let run = |cfg: OptimConfig| -> Result<Run> {
+            let mut r = build(cfg, &shapes)?;
+            for s in 0..3 {
+                r.step(s)?;
+            }
+            Ok(r)
+        };
+        let (split, main, last) = (
+            run(cfg(LR, Some(LAST), true))?,
+            run(cfg(LR, None, true))?,
+            run(cfg(LAST, None, true))?,
+        );
+        let no_last = run(cfg(LR, Some(LAST), false))?;
+        for (name, _) in &shapes {
+            let at_last = matches!(*name, "lm_head.weight" | "blocks.0.attn_norm.weight");
+            let want = if at_last { &last } else { &main };
+            assert_eq!(split.value(name)?, want.value(name)?, "{name}");
+            // Without update_last only the norm weight keeps lr_last.
+            let want = if *name == "blocks.0.attn_norm.weight" {
+                &last
+            } else {
+                &main
+            };
+            assert_eq!(no_last.value(name)?, want.value(name)?, "{name}");
+        }
+        assert_ne!(main.value("lm_head.weight")?, last.value("lm_head.weight")?);
+        let bad = AdalayerSgdConfig {
+            lr_last: Some(-1.0),
+            ..Default::default()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("adalayer_sgd.lr_last"), "{err}");
         Ok(())
     }
 

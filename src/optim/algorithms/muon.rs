@@ -29,6 +29,17 @@
 //! aux AdamW lr 3e-4, β = (0.9, 0.95), ε = 1e-10, λ = 0. State: `momentum_buffer` (matrices; no
 //! step counter), `step`/`exp_avg`/`exp_avg_sq` (others). Reference: KellerJordan/Muon `muon.py`
 //! @ 857d1adc159e098212f828d927460782d3da59e9.
+//!
+//! **dion's Muon** (`form = "dion"`): microsoft/dion's `Muon` with Polar Express, whose
+//! equations are in [`normuon`](crate::optim::normuon) (it is NorMuon without the row
+//! normalization): undampened momentum `M ← μ·M + g` (`momentum` is μ), Polar Express
+//! (`use_polar_express`, default true) normalized by `1.02·‖U‖_F + epsilon` (default 1e-8), lr
+//! factor `adjust_lr` (default `spectral_norm`, `√(fan_out/fan_in)`), `cautious_wd`, `flatten`;
+//! `ns_steps` stays 5 (one iteration per coefficient triple). The auxiliary AdamW takes the
+//! `adam_*` fields as in KellerJordan's form (dion's fallback: `adam_lr` = lr, `adam_betas` =
+//! betas, `adam_eps` = epsilon, `adam_weight_decay` = weight_decay). dion's defaults differ
+//! from this config's: `nesterov = false`, `weight_decay = 0.01`, lr 0.01, and the aux AdamW's
+//! ε 1e-8 and λ 0.01 — set them. The dion-only fields are errors under `keller_jordan`.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -38,6 +49,7 @@ use crate::optim::adamw::AdamStep;
 use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::newton_schulz::{newton_schulz, NsForm, MUON_NS_EPS};
+use crate::optim::normuon::{orthogonalizer, AdjustLr, Dion, Fallback, Ortho};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -65,6 +77,31 @@ pub struct MuonConfig {
     pub adam_eps: f64,
     /// Auxiliary AdamW decoupled weight decay.
     pub adam_weight_decay: f64,
+    /// Which reference's Muon: KellerJordan's (default) or microsoft/dion's (module doc).
+    pub form: MuonForm,
+    /// dion form: Polar Express (true, the default) or dion's quintic Newton–Schulz.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_polar_express: Option<bool>,
+    /// dion form: ε of the orthogonalizer's normalization (default 1e-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// dion form: shape-dependent lr factor (default `spectral_norm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adjust_lr: Option<AdjustLr>,
+    /// dion form: decay only where the parameter and the update agree in sign.
+    pub cautious_wd: bool,
+    /// dion form: orthogonalize tensors of three or more dims as `(shape[0], rest)`.
+    pub flatten: bool,
+}
+
+/// Which reference's Muon [`MuonConfig`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MuonForm {
+    /// KellerJordan/Muon.
+    KellerJordan,
+    /// microsoft/dion `Muon`.
+    Dion,
 }
 
 impl Default for MuonConfig {
@@ -79,7 +116,28 @@ impl Default for MuonConfig {
             adam_betas: (0.9, 0.95),
             adam_eps: 1e-10,
             adam_weight_decay: 0.0,
+            form: MuonForm::KellerJordan,
+            use_polar_express: None,
+            epsilon: None,
+            adjust_lr: None,
+            cautious_wd: false,
+            flatten: false,
         }
+    }
+}
+
+impl MuonConfig {
+    /// The field set only for `form = "dion"`, if any is set under KellerJordan's form.
+    fn dion_field_set(&self) -> Option<&'static str> {
+        [
+            ("muon.use_polar_express", self.use_polar_express.is_some()),
+            ("muon.epsilon", self.epsilon.is_some()),
+            ("muon.adjust_lr", self.adjust_lr.is_some()),
+            ("muon.cautious_wd", self.cautious_wd),
+            ("muon.flatten", self.flatten),
+        ]
+        .into_iter()
+        .find_map(|(field, set)| set.then_some(field))
     }
 }
 
@@ -95,10 +153,46 @@ impl RuleConfig for MuonConfig {
         check::unit_interval("muon.adam_betas[0]", self.adam_betas.0)?;
         check::unit_interval("muon.adam_betas[1]", self.adam_betas.1)?;
         check::positive("muon.adam_eps", self.adam_eps)?;
-        check::non_negative("muon.adam_weight_decay", self.adam_weight_decay)
+        check::non_negative("muon.adam_weight_decay", self.adam_weight_decay)?;
+        match self.form {
+            MuonForm::KellerJordan => match self.dion_field_set() {
+                Some(field) => Err(Error::config(field, "applies only with form = \"dion\"")),
+                None => Ok(()),
+            },
+            MuonForm::Dion => {
+                if self.ns_steps != 5 {
+                    return Err(Error::config(
+                        "muon.ns_steps",
+                        "must be 5 with form = \"dion\" (one iteration per coefficient triple)",
+                    ));
+                }
+                check::positive("muon.epsilon", self.epsilon.unwrap_or(1e-8))
+            }
+        }
     }
     hyper_accessors!();
     fn build(&self) -> Result<Box<dyn Rule>> {
+        if self.form == MuonForm::Dion {
+            return Ok(Box::new(Dion {
+                name: Self::NAME,
+                ortho: Ortho {
+                    mu: self.momentum,
+                    nesterov: self.nesterov,
+                    epsilon: self.epsilon.unwrap_or(1e-8),
+                    which: orthogonalizer(self.use_polar_express.unwrap_or(true)),
+                    adjust_lr: self.adjust_lr.unwrap_or(AdjustLr::SpectralNorm),
+                    cautious_wd: self.cautious_wd,
+                    flatten: self.flatten,
+                    muon_beta2: None,
+                },
+                fallback: Fallback {
+                    lr: Some(self.adam_lr),
+                    betas: self.adam_betas,
+                    eps: self.adam_eps,
+                    weight_decay: Some(self.adam_weight_decay),
+                },
+            }));
+        }
         Ok(Box::new(Muon(self.clone())))
     }
 }

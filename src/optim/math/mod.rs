@@ -11,4 +11,5 @@
 pub mod kron;
 pub mod moments;
 pub mod newton_schulz;
+pub mod polar_express;
 pub mod warmup;
