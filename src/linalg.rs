@@ -252,6 +252,38 @@ pub fn matmul_slice<T: Scalar>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -
     out
 }
 
+/// `A Aᵀ` for the `d×k` matrix `a` given as a faer view (any strides), as a row-major `d×d`
+/// buffer: only the lower triangle is computed (a symmetric rank-k product, half the
+/// multiply-adds of a full product), then mirrored, so the result is exactly symmetric.
+pub fn gram_slice<T: Scalar>(a: MatRef<'_, T>) -> Vec<T> {
+    use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
+    let (d, k) = (a.nrows(), a.ncols());
+    let mut out = vec![T::of(0.0); d * d];
+    if d == 0 {
+        return out;
+    }
+    {
+        let dst = MatMut::from_row_major_slice_mut(&mut out, d, d);
+        tri_matmul(
+            dst,
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            a,
+            BlockStructure::Rectangular,
+            a.transpose(),
+            BlockStructure::Rectangular,
+            T::of(1.0),
+            par_for(d.max(k)),
+        );
+    }
+    for i in 0..d {
+        for j in 0..i {
+            out[j * d + i] = out[i * d + j];
+        }
+    }
+    out
+}
+
 /// Symmetric eigendecomposition of the row-major `n×n` matrix `a` (only its lower triangle is
 /// read, as LAPACK's default `UPLO='L'`), without retries.
 ///

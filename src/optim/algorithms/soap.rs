@@ -71,7 +71,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::linalg::{Order, Robust};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{flag, sum_sq, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, flag, sum_sq, vectorized, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::kron::{self, FactorEma, KronLayout, Refresh};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -302,13 +304,17 @@ impl InnerRule for AdamInner {
             let scalars = [b2, c2, eps];
             let kernel = Kernel::new("soap_adam", &scalars);
             zip_mut_or_kernel::<T>(kernel, &[dir, &stats[0]], &[&moments[0]], |o, i| {
-                let (d, rest) = o.split_first_mut().expect("dir");
-                let v = &mut *rest[0];
-                let m = i[0];
-                for k in 0..d.len() {
-                    let g = d[k];
-                    v[k] = b2 * v[k] + c2 * (g * g);
-                    d[k] = m[k] / (v[k].sqrt() + eps);
+                let [d, v] = o else {
+                    unreachable!("direction and exp_avg_sq")
+                };
+                let n = d.len();
+                let (v, m) = (exactly_mut(v, n, "exp_avg_sq")?, exactly(i[0], n, "exp_avg")?);
+                vectorized! {
+                    for k in 0..n {
+                        let g = d[k];
+                        v[k] = b2 * v[k] + c2 * (g * g);
+                        d[k] = m[k] / (v[k].sqrt() + eps);
+                    }
                 }
                 Ok(())
             })
@@ -450,8 +456,11 @@ fn update_moments(moments: &[(Tensor, f64, f64)], grad: &Tensor) -> Result<()> {
         zip_mut_or_kernel::<T>(kernel, &outs, &[grad], |o, i| {
             let g = i[0];
             for (m, &(d, w)) in o.iter_mut().zip(&coef) {
-                for k in 0..g.len() {
-                    m[k] = d * m[k] + w * g[k];
+                let m = exactly_mut(m, g.len(), "moment")?;
+                vectorized! {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = d * *m + w * g;
+                    }
                 }
             }
             Ok(())
@@ -468,12 +477,15 @@ fn apply_update(param: &Var, u: &Tensor, step: f64, norm: f64, decay: f64) -> Re
         let scalars = [step, norm, decay, flag(normalize), flag(has_decay)];
         let kernel = Kernel::new("soap_apply", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[u], |o, i| {
-            let (p, u) = (&mut *o[0], i[0]);
-            for k in 0..p.len() {
-                let uk = if normalize { u[k] / norm } else { u[k] };
-                p[k] -= step * uk;
-                if has_decay {
-                    p[k] = p[k] + decay * p[k];
+            let p = &mut *o[0];
+            let u = exactly(i[0], p.len(), "update")?;
+            vectorized! {
+                for (p, &u) in p.iter_mut().zip(u) {
+                    let u = if normalize { u / norm } else { u };
+                    *p -= step * u;
+                    if has_decay {
+                        *p = *p + decay * *p;
+                    }
                 }
             }
             Ok(())

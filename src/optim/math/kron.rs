@@ -24,7 +24,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::linalg::{self, Order, Robust};
-use crate::optim::fused::{zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{exactly, vectorized, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::state::State;
 use crate::with_float;
 
@@ -230,6 +230,9 @@ pub fn mode_gram(x: &Tensor, k: usize) -> Result<Tensor> {
     let d = dims[k];
     let b: usize = dims[k + 1..].iter().product();
     let x = x.contiguous()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return with_float!(x.dtype(), "mode_gram", T => cpu_mode_gram::<T>(&x, a, d, b));
+    }
     Ok(if a == 1 {
         let u = x.reshape((d, b))?;
         u.matmul(&u.t()?)?
@@ -244,6 +247,33 @@ pub fn mode_gram(x: &Tensor, k: usize) -> Result<Tensor> {
             .reshape((d, a * b))?;
         u.matmul(&u.t()?)?
     })
+}
+
+/// [`mode_gram`] on the CPU, read in place from `x` (contiguous, viewed as `[a, d, b]`): one
+/// symmetric rank-k product ([`linalg::gram_slice`]) over the mode-k unfolding, as a strided
+/// view (no permuted copy).
+fn cpu_mode_gram<T: linalg::Scalar>(x: &Tensor, a: usize, d: usize, b: usize) -> Result<Tensor> {
+    let mut gram = Vec::new();
+    crate::float::host_slices::<T>(&[], &[x], |_, i| {
+        let data = exactly(i[0], a * d * b, "mode_gram input")?;
+        gram = if a == 1 {
+            linalg::gram_slice(faer::MatRef::from_row_major_slice(data, d, b))
+        } else if b == 1 {
+            linalg::gram_slice(faer::MatRef::from_row_major_slice(data, a, d).transpose())
+        } else {
+            // Row i of the unfolding is x[·, i, ·]: a×b elements, gathered once (faer views
+            // have two strides, the unfolding needs three).
+            let mut u = Vec::with_capacity(d * a * b);
+            for i in 0..d {
+                for r in 0..a {
+                    u.extend_from_slice(&data[(r * d + i) * b..(r * d + i + 1) * b]);
+                }
+            }
+            linalg::gram_slice(faer::MatRef::from_row_major_slice(&u, d, a * b))
+        };
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(gram, (d, d), x.device())?)
 }
 
 /// How a factor folds in a new Gram matrix `S`.
@@ -289,30 +319,33 @@ pub fn ema_update(factor: &Tensor, stat: &Tensor, ema: FactorEma) -> Result<()> 
         };
         let kernel = Kernel::new("factor_ema", &scalars);
         zip_mut_or_kernel::<T>(kernel, &[factor], &[&stat], |o, i| {
-            let (f, s) = (&mut *o[0], i[0]);
-            match ema {
-                FactorEma::Lerp { weight } => {
-                    let w = T::of(weight);
-                    if weight < 0.5 {
-                        for k in 0..f.len() {
-                            f[k] = f[k] + w * (s[k] - f[k]);
-                        }
-                    } else {
-                        let c = T::of(1.0 - weight);
-                        for k in 0..f.len() {
-                            f[k] = s[k] - (s[k] - f[k]) * c;
+            let f = &mut *o[0];
+            let s = exactly(i[0], f.len(), "statistic")?;
+            vectorized! {
+                match ema {
+                    FactorEma::Lerp { weight } => {
+                        let w = T::of(weight);
+                        if weight < 0.5 {
+                            for (f, &s) in f.iter_mut().zip(s) {
+                                *f = *f + w * (s - *f);
+                            }
+                        } else {
+                            let c = T::of(1.0 - weight);
+                            for (f, &s) in f.iter_mut().zip(s) {
+                                *f = s - (s - *f) * c;
+                            }
                         }
                     }
-                }
-                FactorEma::ScaleAdd { decay, weight } => {
-                    let (b, w) = (T::of(decay), T::of(weight));
-                    if decay == 1.0 {
-                        for k in 0..f.len() {
-                            f[k] += w * s[k];
-                        }
-                    } else {
-                        for k in 0..f.len() {
-                            f[k] = b * f[k] + w * s[k];
+                    FactorEma::ScaleAdd { decay, weight } => {
+                        let (b, w) = (T::of(decay), T::of(weight));
+                        if decay == 1.0 {
+                            for (f, &s) in f.iter_mut().zip(s) {
+                                *f += w * s;
+                            }
+                        } else {
+                            for (f, &s) in f.iter_mut().zip(s) {
+                                *f = b * *f + w * s;
+                            }
                         }
                     }
                 }

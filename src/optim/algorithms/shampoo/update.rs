@@ -10,7 +10,9 @@ use super::grafting::{GraftCoeffs, Grafting};
 use super::roots::cast;
 use super::Shampoo;
 use crate::error::Result;
-use crate::optim::fused::{flag, sum_sq, zip_mut_or_kernel, Float, Kernel};
+use crate::optim::fused::{
+    exactly, exactly_mut, flag, sum_sq, vectorized, zip_mut_or_kernel, Float, Kernel,
+};
 use crate::optim::kron::mode_products;
 use crate::optim::rule::StepCtx;
 use crate::optim::state::State;
@@ -108,35 +110,51 @@ impl Shampoo {
             let kernel = Kernel::new("shampoo_graft", &scalars);
             zip_mut_or_kernel::<T>(kernel, &outs, &[g], |o, i| {
                 let g = i[0];
-                for k in 0..g.len() {
-                    let gk = g[k];
-                    if let Some(iv) = iv {
-                        let old = if skip_decay {
-                            o[iv][k]
-                        } else {
-                            decay * o[iv][k]
-                        };
-                        o[iv][k] = old + wg * gk * gk;
+                let n = g.len();
+                // The outputs present, by role (the slot indices say which is which).
+                let (mut v, mut m, mut gb_out, mut a) = (None, None, None, None);
+                for (j, s) in o.iter_mut().enumerate() {
+                    let s = Some(exactly_mut(s, n, "shampoo state")?);
+                    match Some(j) {
+                        j if j == iv => v = s,
+                        j if j == im => m = s,
+                        j if j == ig => gb_out = s,
+                        _ => a = s,
                     }
-                    let gb = match im {
-                        Some(im) => {
-                            let old = o[im][k];
-                            let new = lerp(old, gk, b1w);
-                            o[im][k] = new;
-                            let gb = if same_beta { new } else { lerp(old, gk, b3w) };
-                            if use_bc1 {
-                                gb / bc1
-                            } else {
-                                gb
-                            }
+                }
+                let (mut v, mut m, mut gb_out, mut a) = (
+                    v.as_deref_mut(),
+                    m.as_deref_mut(),
+                    gb_out.as_deref_mut(),
+                    a.as_deref_mut(),
+                );
+                vectorized! {
+                    for k in 0..n {
+                        let gk = g[k];
+                        if let Some(v) = v.as_deref_mut() {
+                            let old = if skip_decay { v[k] } else { decay * v[k] };
+                            v[k] = old + wg * gk * gk;
                         }
-                        None => gk,
-                    };
-                    if let Some(ig) = ig {
-                        o[ig][k] = gb;
-                    }
-                    if let (Some(ia), Some(iv)) = (ia, iv) {
-                        o[ia][k] = gb / ((o[iv][k] / bcg).sqrt() + epsg);
+                        let gb = match m.as_deref_mut() {
+                            Some(m) => {
+                                let old = m[k];
+                                let new = lerp(old, gk, b1w);
+                                m[k] = new;
+                                let gb = if same_beta { new } else { lerp(old, gk, b3w) };
+                                if use_bc1 {
+                                    gb / bc1
+                                } else {
+                                    gb
+                                }
+                            }
+                            None => gk,
+                        };
+                        if let Some(o) = gb_out.as_deref_mut() {
+                            o[k] = gb;
+                        }
+                        if let (Some(a), Some(v)) = (a.as_deref_mut(), v.as_deref()) {
+                            a[k] = gb / ((v[k] / bcg).sqrt() + epsg);
+                        }
                     }
                 }
                 Ok(())
@@ -213,13 +231,16 @@ impl Shampoo {
                 let scalars = [alpha_t, neg_lr, has_decay];
                 let kernel = Kernel::new("shampoo_update", &scalars);
                 zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&d], |o, i| {
-                    let (p, d) = (&mut *o[0], i[0]);
-                    for k in 0..p.len() {
-                        let mut dk = d[k];
-                        if alpha != 0.0 {
-                            dk += alpha_t * p[k];
+                    let p = &mut *o[0];
+                    let d = exactly(i[0], p.len(), "direction")?;
+                    vectorized! {
+                        for (p, &d) in p.iter_mut().zip(d) {
+                            let mut d = d;
+                            if alpha != 0.0 {
+                                d += alpha_t * *p;
+                            }
+                            *p += d * neg_lr;
                         }
-                        p[k] += dk * neg_lr;
                     }
                     Ok(())
                 })
@@ -238,8 +259,12 @@ impl Shampoo {
                     let [p, b] = o else {
                         unreachable!("two outputs")
                     };
-                    let d = i[0];
-                    for k in 0..p.len() {
+                    let n = p.len();
+                    let (d, b) = (
+                        exactly(i[0], n, "direction")?,
+                        exactly_mut(b, n, "momentum")?,
+                    );
+                    vectorized! { for k in 0..n {
                         let mut dk = d[k];
                         if alpha != 0.0 {
                             dk += alpha_t * p[k];
@@ -251,7 +276,7 @@ impl Shampoo {
                             b[k]
                         };
                         p[k] += dk * neg_lr;
-                    }
+                    } }
                     Ok(())
                 })
             }
@@ -276,8 +301,13 @@ pub(super) fn with_l2(g: &Tensor, w: &Tensor, wd: f64) -> Result<Tensor> {
         let wd = T::of(wd);
         let scalars = [wd];
         zip_mut_or_kernel::<T>(Kernel::new("add_scaled", &scalars), &[&out], &[g, w], |o, i| {
-            for k in 0..o[0].len() {
-                o[0][k] = i[0][k] + wd * i[1][k];
+            let out = &mut *o[0];
+            let n = out.len();
+            let (g, w) = (exactly(i[0], n, "grad")?, exactly(i[1], n, "param")?);
+            vectorized! {
+                for k in 0..n {
+                    out[k] = g[k] + wd * w[k];
+                }
             }
             Ok(())
         })?;
