@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{vectorized, zip_mut, Float};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -126,10 +126,10 @@ impl Adopt {
                 let [p, _, v] = o else {
                     unreachable!("three outputs")
                 };
-                for ((v, p), &g) in v.iter_mut().zip(p.iter()).zip(i[0]) {
+                vectorized! { for ((v, p), &g) in v.iter_mut().zip(p.iter()).zip(i[0]) {
                     let g = sign * g + l2 * *p;
                     *v += g * g;
-                }
+                } }
                 Ok(())
             });
         }
@@ -152,7 +152,7 @@ impl Adopt {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
-            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(i[0]) {
+            vectorized! { for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(i[0]) {
                 let g = sign * g + l2 * *p;
                 *p = *p + neg_decay * *p;
                 let n = g / num_traits::Float::max(v.sqrt(), eps);
@@ -160,7 +160,7 @@ impl Adopt {
                 *m = lerp(*m, n, w1);
                 *p += neg_lr * *m;
                 *v = *v * b2 + c2 * (g * g);
-            }
+            } }
             Ok(())
         })
     }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{vectorized, zip_mut, Float};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -130,21 +130,21 @@ impl CautiousAdamW {
             let g = i[0];
             // Pass 1: both moments, and how many coordinates agree.
             let mut kept = 0usize;
-            for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            vectorized! { for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
                 *m = lerp(*m, g, w1);
                 *v = lerp(*v, g * g, w2);
                 kept += usize::from(*m * g > T::zero());
-            }
+            } }
             if p.is_empty() {
                 return Ok(());
             }
             let s = num_traits::Float::max(T::of(kept as f64) / T::of(p.len() as f64), floor);
             // Pass 2: decay, then the masked step.
-            for (((p, &m), &v), &g) in p.iter_mut().zip(m.iter()).zip(v.iter()).zip(g) {
+            vectorized! { for (((p, &m), &v), &g) in p.iter_mut().zip(m.iter()).zip(v.iter()).zip(g) {
                 let masked = if m * g > T::zero() { m } else { T::zero() };
                 let d = v.sqrt() / bc2_sqrt + eps;
                 *p = *p * decay - ((masked / d) * step_size) / s;
-            }
+            } }
             Ok(())
         })
     }

@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check, Error, Result};
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{zip_mut, Float};
+use crate::optim::fused::{vectorized, zip_mut, Float};
 use crate::optim::math::polar_express::{orthogonalize, Orthogonalizer};
 use crate::optim::params::{ParamMeta, Role};
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
@@ -271,10 +271,10 @@ impl Ortho {
             let [m, u] = o else {
                 unreachable!("two outputs")
             };
-            for ((m, u), &g) in m.iter_mut().zip(u.iter_mut()).zip(i[0]) {
+            vectorized! { for ((m, u), &g) in m.iter_mut().zip(u.iter_mut()).zip(i[0]) {
                 *m = *m * mu + g;
                 *u = if nesterov { *m * mu + g } else { *m };
-            }
+            } }
             Ok(())
         })?;
         let view = if self.flatten && shape.len() >= 3 {
