@@ -106,7 +106,19 @@ pub fn zip_mut_or_kernel<T: Float>(
 /// do, and reductions that accumulate in order are left in order by the compiler.
 #[inline(always)]
 pub fn on_widest_simd<R>(f: impl FnOnce() -> R) -> R {
+    if SCALAR_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return f();
+    }
     pulp::Arch::new().dispatch(f)
+}
+
+static SCALAR_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the wide-vector code of [`on_widest_simd`] off (`true`: every pass runs its
+/// baseline-x86-64 copy) or back on, for the whole process. Results do not depend on it; it
+/// exists to check exactly that, and to rule SIMD out when chasing a numerical problem.
+pub fn set_scalar_only(scalar_only: bool) {
+    SCALAR_ONLY.store(scalar_only, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Runs the statements given, compiled for the widest vector instruction set this CPU has
