@@ -329,31 +329,35 @@ impl Gpt {
     /// (RoPE and attention work per head in place), so no head split or merge is copied.
     fn forward_fused(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = check_tokens(tokens, self.cfg.context)?;
-        let (d, nh) = (self.cfg.d_model, self.cfg.n_heads);
+        Ok(self.logits_fused(tokens, t)?.reshape((b, t, ()))?)
+    }
+
+    /// The fused forward pass on `(batch·time, width)` activations: the products need no
+    /// reshape around them, and every reshape would cost a gradient buffer in the backward pass.
+    fn logits_fused(&self, tokens: &Tensor, t: usize) -> Result<Tensor> {
+        let nh = self.cfg.n_heads;
         let eps = self.cfg.layer_norm_eps;
-        let mut x = self
-            .wte
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, d))?;
+        let mm = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?) };
+        let mut x = self.wte.index_select(&tokens.flatten_all()?, 0)?;
         for block in &self.blocks {
             let h = ops::layer_norm(&x, &block.attn_norm, eps)?;
-            let mut q = linear(&h, &block.q_proj, None)?;
-            let mut k = linear(&h, &block.k_proj, None)?;
-            let v = linear(&h, &block.v_proj, None)?;
+            let mut q = mm(&h, &block.q_proj)?;
+            let mut k = mm(&h, &block.k_proj)?;
+            let v = mm(&h, &block.v_proj)?;
             if let Some((qn, kn)) = &block.qk_norm {
                 q = ops::layer_norm(&q, qn, eps)?;
                 k = ops::layer_norm(&k, kn, eps)?;
             }
-            let q = ops::rope(&q, &self.cos, &self.sin, nh)?;
-            let k = ops::rope(&k, &self.cos, &self.sin, nh)?;
-            let y = ops::attention(&q, &k, &v, nh)?;
-            x = (x + linear(&y, &block.o_proj, None)?)?;
+            let q = ops::rope(&q, &self.cos, &self.sin, nh, t)?;
+            let k = ops::rope(&k, &self.cos, &self.sin, nh, t)?;
+            let y = ops::attention(&q, &k, &v, nh, t)?;
+            x = (x + mm(&y, &block.o_proj)?)?;
             let h = ops::layer_norm(&x, &block.mlp_norm, eps)?;
-            let h = ops::gelu(&linear(&h, &block.fc_in, None)?)?;
-            x = (x + linear(&h, &block.fc_out, None)?)?;
+            let h = ops::gelu(&mm(&h, &block.fc_in)?)?;
+            x = (x + mm(&h, &block.fc_out)?)?;
         }
         let x = ops::layer_norm(&x, &self.final_norm, eps)?;
-        linear(&x, &self.lm_head, None)
+        mm(&x, &self.lm_head)
     }
 }
 

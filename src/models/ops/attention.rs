@@ -21,18 +21,25 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{check_float, op_err, slice, tensor, threads, with_data, Elem};
+use super::{check_float, check_rows, op_err, slice, tensor, threads, with_data, Elem};
 use crate::error::{Error, Result};
 
 const NAME: &str = "fused attention";
 /// Rows (and columns) per block of the causal products.
 const BLOCK: usize = 64;
 
-/// Causal softmax attention of `q`, `k`, `v` `(batch, time, n_heads·head_dim)` with the scores
-/// scaled by 1/√head_dim; returns `(batch, time, n_heads·head_dim)`, the heads' outputs side by
-/// side (as the composition's transpose and reshape lay them out). CPU, f32/f64; differentiable
-/// in all three inputs.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> Result<Tensor> {
+/// Causal softmax attention of `q`, `k`, `v` `(batch, time, n_heads·head_dim)` (or flattened
+/// to `(batch·time, n_heads·head_dim)`; sequences of `time` rows) with the scores scaled by
+/// 1/√head_dim; returns the heads' outputs side by side in the shape of `q` (as the
+/// composition's transpose and reshape lay them out). CPU, f32/f64; differentiable in all
+/// three inputs.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_heads: usize,
+    time: usize,
+) -> Result<Tensor> {
     for (name, x) in [("q", q), ("k", k), ("v", v)] {
         check_float(NAME, name, x)?;
         if x.dims() != q.dims() || x.dtype() != q.dtype() {
@@ -45,7 +52,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> Result<T
             )));
         }
     }
-    let (_, _, d) = q.dims3()?;
+    check_rows(NAME, q, time)?;
+    let d = q.dim(candle_core::D::Minus1)?;
     if n_heads == 0 || !d.is_multiple_of(n_heads) {
         return Err(Error::Msg(format!(
             "{NAME}: width {d} does not split into {n_heads} heads"
@@ -56,6 +64,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> Result<T
         &v.contiguous()?,
         Attention {
             n_heads,
+            t: time,
             probs: Mutex::new(None),
         },
     )?)
@@ -63,6 +72,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, n_heads: usize) -> Result<T
 
 struct Attention {
     n_heads: usize,
+    /// Positions per sequence.
+    t: usize,
     /// The attention weights `(batch, heads, T, T)` of the forward pass.
     probs: Mutex<Option<CpuStorage>>,
 }
@@ -91,8 +102,9 @@ struct Dims {
 }
 
 impl Dims {
-    fn new(shape: &Shape, nh: usize) -> candle_core::Result<Self> {
-        let (b, t, d) = shape.dims3()?;
+    fn new(shape: &Shape, nh: usize, t: usize) -> candle_core::Result<Self> {
+        let d = shape.dims().last().copied().unwrap_or(1);
+        let b = shape.elem_count() / (t * d).max(1);
         Ok(Self {
             b,
             t,
@@ -365,7 +377,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dm = Dims::new(l1.shape(), self.n_heads)?;
+        let dm = Dims::new(l1.shape(), self.n_heads, self.t)?;
         macro_rules! run {
             ($t:ty, $variant:ident) => {{
                 let (y, p) = forward::<$t>(
@@ -397,7 +409,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dm = Dims::new(q.shape(), self.n_heads)?;
+        let dm = Dims::new(q.shape(), self.n_heads, self.t)?;
         let grad = grad.contiguous()?;
         let probs = self
             .probs
@@ -451,7 +463,10 @@ mod tests {
                 let (q, k, v) = (mk(1), mk(2), mk(3));
                 let g = noise(&[b, t, d], 4, 1.0, dtype);
                 let mask = crate::models::gpt::causal_mask(t, dtype, &Device::Cpu).unwrap();
-                let fused = attention(&q, &k, &v, nh).unwrap();
+                let fused = attention(&q, &k, &v, nh, t).unwrap();
+                let flat = |x: &Var| x.reshape((b * t, d)).unwrap();
+                let flat = attention(&flat(&q), &flat(&k), &flat(&v), nh, t).unwrap();
+                assert_eq!(rel_err(&flat.reshape((b, t, d)).unwrap(), &fused), 0.0);
                 let reference =
                     crate::models::gpt::attention_composed(&q, &k, &v, nh, &mask).unwrap();
                 let e = rel_err(&fused, &reference);
@@ -474,19 +489,22 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let x = noise(&[2, 4, 8], 1, 1.0, DType::F32);
-        assert!(attention(&x, &x, &x, 2).is_ok());
-        assert!(attention(&x, &x, &x, 3).is_err());
-        assert!(attention(&x, &x, &x, 0).is_err());
+        assert!(attention(&x, &x, &x, 2, 4).is_ok());
+        assert!(attention(&x, &x, &x, 3, 4).is_err());
+        assert!(attention(&x, &x, &x, 0, 4).is_err());
+        assert!(attention(&x, &x, &x, 2, 3).is_err());
+        assert!(attention(&x, &x, &x, 2, 0).is_err());
         let short = noise(&[2, 3, 8], 1, 1.0, DType::F32);
-        assert!(attention(&x, &short, &x, 2).is_err());
-        assert!(attention(&x, &x, &x.to_dtype(DType::F64).unwrap(), 2).is_err());
-        assert!(attention(&x.flatten_all().unwrap(), &x, &x, 2).is_err());
+        assert!(attention(&x, &short, &x, 2, 4).is_err());
+        assert!(attention(&x, &x, &x.to_dtype(DType::F64).unwrap(), 2, 4).is_err());
+        let flat = x.flatten_all().unwrap();
+        assert!(attention(&flat, &flat, &flat, 2, 4).is_err());
         // Non-contiguous inputs are made contiguous.
         let xt = noise(&[2, 8, 4], 2, 1.0, DType::F64)
             .transpose(1, 2)
             .unwrap();
         let mask = crate::models::gpt::causal_mask(4, DType::F64, &Device::Cpu).unwrap();
         let want = crate::models::gpt::attention_composed(&xt, &xt, &xt, 2, &mask).unwrap();
-        assert!(rel_err(&attention(&xt, &xt, &xt, 2).unwrap(), &want) < 1e-12);
+        assert!(rel_err(&attention(&xt, &xt, &xt, 2, 4).unwrap(), &want) < 1e-12);
     }
 }

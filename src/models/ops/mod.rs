@@ -175,6 +175,19 @@ fn check_float(op: &str, what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `x` (rank ≥ 1) holds whole sequences of `time` rows.
+fn check_rows(op: &str, x: &Tensor, time: usize) -> Result<()> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    if x.rank() < 2 || time == 0 || !rows.is_multiple_of(time) {
+        return Err(Error::Msg(format!(
+            "{op}: input {:?} is not sequences of {time} rows",
+            x.dims()
+        )));
+    }
+    Ok(())
+}
+
 /// Threads the kernels may use: candle's count (`RAYON_NUM_THREADS`, else the cores).
 fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)

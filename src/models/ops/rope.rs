@@ -16,17 +16,20 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{check_float, for_row_blocks, op_err, slice, tensor, with_data, Elem};
+use super::{check_float, check_rows, for_row_blocks, op_err, slice, tensor, with_data, Elem};
 use crate::error::{Error, Result};
 
 const NAME: &str = "fused rope";
 
-/// Rotates every head of `x` `(batch, time, n_heads·head_dim)` by the angles of its position;
-/// `cos` and `sin` are `(≥ time, head_dim)` tables (rows past `time` are ignored). CPU,
-/// f32/f64; differentiable in `x`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, n_heads: usize) -> Result<Tensor> {
+/// Rotates every head of `x` by the angles of its position; `x` holds sequences of `time`
+/// rows of width `n_heads·head_dim`, as `(batch, time, width)` or flattened to
+/// `(batch·time, width)` (the shape is kept). `cos` and `sin` are `(≥ time, head_dim)` tables
+/// (rows past `time` are ignored). CPU, f32/f64; differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, n_heads: usize, time: usize) -> Result<Tensor> {
     check_float(NAME, "input", x)?;
-    let (_, t, d) = x.dims3()?;
+    let d = x.dim(candle_core::D::Minus1)?;
+    let t = time;
+    check_rows(NAME, x, t)?;
     if n_heads == 0 || !d.is_multiple_of(n_heads) || !(d / n_heads).is_multiple_of(2) {
         return Err(Error::Msg(format!(
             "{NAME}: width {d} does not split into {n_heads} heads of even width"
@@ -46,11 +49,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, n_heads: usize) -> Result<Te
     }
     let cos = cos.narrow(0, 0, t)?.contiguous()?;
     let sin = sin.narrow(0, 0, t)?.contiguous()?;
-    Ok(x.contiguous()?.apply_op3(&cos, &sin, Rope { n_heads })?)
+    Ok(x.contiguous()?.apply_op3(&cos, &sin, Rope { n_heads, t })?)
 }
 
 struct Rope {
     n_heads: usize,
+    /// Positions per sequence.
+    t: usize,
 }
 
 impl Rope {
@@ -106,7 +111,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, t, d) = l1.shape().dims3()?;
+        let (t, d) = (self.t, l1.shape().dims().last().copied().unwrap_or(1));
         macro_rules! run {
             ($t:ty) => {
                 self.run::<$t>(
@@ -139,7 +144,7 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, t, d) = x.dims3()?;
+        let (t, d) = (self.t, x.dim(candle_core::D::Minus1)?);
         let grad = grad.contiguous()?;
         macro_rules! run {
             ($t:ty) => {
@@ -196,7 +201,9 @@ mod tests {
                 let cos = noise(&[ctx, hd], 9, 1.0, dtype);
                 let sin = noise(&[ctx, hd], 10, 1.0, dtype);
                 let g = noise(&[b, t, d], 11, 1.0, dtype);
-                let fused = rope(&x, &cos, &sin, nh).unwrap();
+                let fused = rope(&x, &cos, &sin, nh, t).unwrap();
+                let flat = rope(&x.reshape((b * t, d)).unwrap(), &cos, &sin, nh, t).unwrap();
+                assert_eq!(rel_err(&flat.reshape((b, t, d)).unwrap(), &fused), 0.0);
                 let reference = composed(&x, &cos, &sin, nh);
                 assert!(rel_err(&fused, &reference) < tol(dtype), "forward");
                 let gf = (fused * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -216,20 +223,29 @@ mod tests {
     fn bad_shapes_are_errors() {
         let x = noise(&[2, 4, 8], 1, 1.0, DType::F32);
         let tab = noise(&[4, 4], 2, 1.0, DType::F32);
-        assert!(rope(&x, &tab, &tab, 2).is_ok());
-        assert!(rope(&x, &tab, &tab, 3).is_err()); // 8 / 3
-        assert!(rope(&x, &tab, &tab, 8).is_err()); // odd head width 1
-        assert!(rope(&x, &tab, &tab, 0).is_err());
+        assert!(rope(&x, &tab, &tab, 2, 4).is_ok());
+        assert!(rope(&x, &tab, &tab, 3, 4).is_err()); // 8 / 3
+        assert!(rope(&x, &tab, &tab, 8, 4).is_err()); // odd head width 1
+        assert!(rope(&x, &tab, &tab, 0, 4).is_err());
+        assert!(rope(&x, &tab, &tab, 2, 3).is_err()); // 8 rows are not sequences of 3
+        assert!(rope(&x, &tab, &tab, 2, 0).is_err());
         let short = noise(&[3, 4], 2, 1.0, DType::F32);
-        assert!(rope(&x, &short, &tab, 2).is_err());
-        assert!(rope(&x, &tab.to_dtype(DType::F64).unwrap(), &tab, 2).is_err());
-        assert!(rope(&x.flatten_all().unwrap(), &tab, &tab, 2).is_err());
+        assert!(rope(&x, &short, &tab, 2, 4).is_err());
+        assert!(rope(&x, &tab.to_dtype(DType::F64).unwrap(), &tab, 2, 4).is_err());
+        assert!(rope(
+            &Tensor::new(1f32, &candle_core::Device::Cpu).unwrap(),
+            &tab,
+            &tab,
+            2,
+            1
+        )
+        .is_err());
         // A transposed input is made contiguous.
         let xt = noise(&[2, 8, 4], 3, 1.0, DType::F64)
             .transpose(1, 2)
             .unwrap();
         let tab = noise(&[4, 4], 2, 1.0, DType::F64);
         let want = composed(&xt, &tab, &tab, 2);
-        assert!(rel_err(&rope(&xt, &tab, &tab, 2).unwrap(), &want) < 1e-12);
+        assert!(rel_err(&rope(&xt, &tab, &tab, 2, 4).unwrap(), &want) < 1e-12);
     }
 }
