@@ -8,8 +8,9 @@
 //! backward:  ∂total/∂x_j = g · (p_j (1 + 2c·lse) − [j = y]) / N
 //! ```
 //!
-//! The op's output is `total`; `ce` and `z` come back as plain scalars for reporting. The row
-//! sums run in f64 whatever the dtype.
+//! The op's output is `total`; `ce` and `z` come back as plain scalars for reporting. The
+//! exponentials run in the logits' dtype, the sums in f64; the forward pass keeps `lse` per row
+//! for the backward one.
 
 use std::sync::Mutex;
 
@@ -63,6 +64,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, z_loss: f64) -> Result<F
     let op = CrossEntropy {
         z_loss,
         terms: Mutex::new((0.0, 0.0)),
+        lse: Mutex::new(Vec::new()),
     };
     // The op is moved into the graph; its reported terms travel back through a shared cell.
     let terms = std::sync::Arc::new(op);
@@ -88,6 +90,8 @@ struct CrossEntropy {
     z_loss: f64,
     /// `(ce, z)` of the last forward pass.
     terms: Mutex<(f64, f64)>,
+    /// Log-sum-exp of every row, from the forward pass.
+    lse: Mutex<Vec<f64>>,
 }
 
 /// Lets the op live both in the graph and with the caller, who reads the terms back.
@@ -100,12 +104,11 @@ fn lse<T: Elem>(row: &[T]) -> f64 {
     for &v in row {
         max = max.fmax(v);
     }
-    let m = max.to_f64();
     let mut sum = 0.0;
     for &v in row {
-        sum += (v.to_f64() - m).exp();
+        sum += (v - max).exp().to_f64();
     }
-    m + sum.ln()
+    max.to_f64() + sum.ln()
 }
 
 fn check_targets(y: &[u32], vocab: usize) -> candle_core::Result<()> {
@@ -124,11 +127,17 @@ impl CrossEntropy {
         let vocab = x.len() / n;
         check_targets(y, vocab)?;
         let (mut ce, mut z) = (0.0, 0.0);
+        let mut lses = Vec::with_capacity(n);
         for (row, &t) in x.chunks_exact(vocab).zip(y) {
             let l = lse(row);
             ce += l - row[t as usize].to_f64();
             z += l * l;
+            lses.push(l);
         }
+        *self
+            .lse
+            .lock()
+            .map_err(|_| op_err(NAME, "state poisoned"))? = lses;
         let (ce, z) = (ce / n as f64, z / n as f64);
         *self
             .terms
@@ -137,7 +146,7 @@ impl CrossEntropy {
         Ok(T::from_f64(ce + self.z_loss * z))
     }
 
-    fn bwd_t<T: Elem>(&self, x: &[T], y: &[u32], g: f64) -> Vec<T> {
+    fn bwd_t<T: Elem>(&self, x: &[T], y: &[u32], lses: &[f64], g: f64) -> Vec<T> {
         let n = y.len();
         let vocab = x.len() / n;
         let scale = g / n as f64;
@@ -146,10 +155,11 @@ impl CrossEntropy {
             for (i, dr) in out.chunks_exact_mut(vocab).enumerate() {
                 let r = row0 + i;
                 let row = &x[r * vocab..(r + 1) * vocab];
-                let l = lse(row);
+                let l = lses[r];
                 let w = scale * (1.0 + 2.0 * self.z_loss * l);
+                let (lt, wt) = (T::from_f64(l), T::from_f64(w));
                 for (o, &v) in dr.iter_mut().zip(row) {
-                    *o = T::from_f64((v.to_f64() - l).exp() * w);
+                    *o = (v - lt).exp() * wt;
                 }
                 let t = y[r] as usize;
                 dr[t] = T::from_f64((row[t].to_f64() - l).exp() * w - scale);
@@ -200,11 +210,19 @@ impl CustomOp2 for Shared {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let lses = self
+            .0
+            .lse
+            .lock()
+            .map_err(|_| op_err(NAME, "state poisoned"))?;
+        if lses.len() != targets.elem_count() {
+            return Err(op_err(NAME, "backward before forward"));
+        }
         let dx = with_data::<u32, _>(NAME, targets, |ys| {
             macro_rules! run {
                 ($t:ty) => {
                     with_data::<$t, _>(NAME, logits, |xs| {
-                        tensor(self.0.bwd_t(xs, ys, g), logits.shape())
+                        tensor(self.0.bwd_t(xs, ys, &lses, g), logits.shape())
                     })
                 };
             }

@@ -56,20 +56,62 @@ struct LayerNorm {
     eps: f64,
 }
 
+/// Lanes of the row sums: independent partial sums the compiler can keep in one vector
+/// register (a single running sum is a serial chain it may not reorder).
+const LANES: usize = 8;
+
+/// `Σ_j f(a_j, b_j)` over two equally long rows, in [`LANES`] partial sums.
+#[inline(always)]
+fn sum2<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    let mut total = T::ZERO;
+    for (&x, &y) in ra.iter().zip(rb) {
+        total += f(x, y);
+    }
+    for v in acc {
+        total += v;
+    }
+    total
+}
+
+/// `Σ_j f(a_j, b_j, c_j)` over three equally long rows, in [`LANES`] partial sums.
+#[inline(always)]
+fn sum3<T: Elem>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((xa, xb), xc) in ca.zip(cb).zip(cc) {
+        for l in 0..LANES {
+            acc[l] += f(xa[l], xb[l], xc[l]);
+        }
+    }
+    let mut total = T::ZERO;
+    for ((&x, &y), &z) in ra.iter().zip(rb).zip(rc) {
+        total += f(x, y, z);
+    }
+    for v in acc {
+        total += v;
+    }
+    total
+}
+
 /// Mean and 1/√(σ² + ε) of one row.
 #[inline]
 fn stats<T: Elem>(row: &[T], eps: f64) -> (T, T) {
     let d = T::from_f64(row.len() as f64);
-    let mut sum = T::ZERO;
-    for &v in row {
-        sum += v;
-    }
-    let mean = sum / d;
-    let mut sq = T::ZERO;
-    for &v in row {
-        let c = v - mean;
-        sq += c * c;
-    }
+    let mean = sum2(row, row, |v, _| v) / d;
+    let sq = sum2(row, row, |v, _| (v - mean) * (v - mean));
     (mean, T::ONE / (sq / d + T::from_f64(eps)).sqrt())
 }
 
@@ -98,14 +140,12 @@ impl LayerNorm {
                 let base = (row0 + i) * d;
                 let (xr, gr) = (&x[base..base + d], &g[base..base + d]);
                 let (mean, r) = stats(xr, self.eps);
-                let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
                 for j in 0..d {
-                    let xh = (xr[j] - mean) * r;
-                    let gh = gr[j] * w[j];
-                    sum_g += gh;
-                    sum_gx += gh * xh;
-                    dw[j] += gr[j] * xh;
+                    dw[j] += gr[j] * ((xr[j] - mean) * r);
                 }
+                // Σ ĝ and Σ ĝ·x̂ (the gain folded into g as ĝ = g ⊙ w).
+                let sum_g = sum2(gr, w, |g, w| g * w);
+                let sum_gx = sum3(xr, gr, w, |x, g, w| g * w * (x - mean)) * r;
                 let (mg, mgx) = (sum_g * inv_d, sum_gx * inv_d);
                 for j in 0..d {
                     let xh = (xr[j] - mean) * r;
