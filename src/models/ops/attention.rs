@@ -227,7 +227,7 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>, Vec<T>) {
                     }
                     let inv = T::ONE / sum;
                     for s in live.iter_mut() {
-                        *s = *s * inv;
+                        *s *= inv;
                     }
                 }
                 matmul(

@@ -56,7 +56,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, z_loss: f64) -> Result<F
     if !targets.device().is_cpu() {
         return Err(Error::Msg(format!("{NAME}: targets must be on the CPU")));
     }
-    if !(z_loss >= 0.0 && z_loss.is_finite()) {
+    if z_loss.is_nan() || z_loss < 0.0 || z_loss.is_infinite() {
         return Err(Error::Msg(format!(
             "{NAME}: z_loss must be ≥ 0, got {z_loss}"
         )));

@@ -43,7 +43,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             weight.dtype()
         )));
     }
-    if !(eps > 0.0) {
+    if eps.is_nan() || eps <= 0.0 {
         return Err(Error::Msg(format!(
             "{NAME}: eps must be positive, got {eps}"
         )));
@@ -67,8 +67,8 @@ fn sum2<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l]);
+        for ((a, &x), &y) in acc.iter_mut().zip(xa).zip(xb) {
+            *a += f(x, y);
         }
     }
     let mut total = T::ZERO;
@@ -92,8 +92,8 @@ fn sum3<T: Elem>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
     );
     let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
     for ((xa, xb), xc) in ca.zip(cb).zip(cc) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l], xc[l]);
+        for (((a, &x), &y), &z) in acc.iter_mut().zip(xa).zip(xb).zip(xc) {
+            *a += f(x, y, z);
         }
     }
     let mut total = T::ZERO;
@@ -140,16 +140,16 @@ impl LayerNorm {
                 let base = (row0 + i) * d;
                 let (xr, gr) = (&x[base..base + d], &g[base..base + d]);
                 let (mean, r) = stats(xr, self.eps);
-                for j in 0..d {
-                    dw[j] += gr[j] * ((xr[j] - mean) * r);
+                for ((dwj, &gj), &xj) in dw.iter_mut().zip(gr).zip(xr) {
+                    *dwj += gj * ((xj - mean) * r);
                 }
                 // Σ ĝ and Σ ĝ·x̂ (the gain folded into g as ĝ = g ⊙ w).
                 let sum_g = sum2(gr, w, |g, w| g * w);
                 let sum_gx = sum3(xr, gr, w, |x, g, w| g * w * (x - mean)) * r;
                 let (mg, mgx) = (sum_g * inv_d, sum_gx * inv_d);
-                for j in 0..d {
-                    let xh = (xr[j] - mean) * r;
-                    dxr[j] = r * (gr[j] * w[j] - mg - xh * mgx);
+                for (((o, &xj), &gj), &wj) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                    let xh = (xj - mean) * r;
+                    *o = r * (gj * wj - mg - xh * mgx);
                 }
             }
         });
