@@ -5,7 +5,8 @@
 //! `checkpoints/`) described in `optlab::runner`. `--resume` continues the run in `--out` from
 //! its newest checkpoint, bit-identically; the config may then be omitted (the run's own
 //! `config.toml` is used). With `OPTLAB_ALLOC_STATS` set, it prints the large-block allocator's
-//! hit/miss counters at the end.
+//! hit/miss counters at the end. With `OPTLAB_FUSED_OPS=0` the model runs its primitive-op
+//! composition instead of the fused CPU kernels (`optlab::models::ops`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -24,7 +24,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::{check_tokens, layer_norm, linear, ParamInit};
+use super::{check_tokens, layer_norm, linear, ops, ParamInit};
 use crate::error::{check, Error, Result};
 
 /// How the decoder's matrices are initialised (norm gains always start at 1).
@@ -179,6 +179,9 @@ pub struct Gpt {
     sin: Tensor,
     /// `(context, context)` additive causal mask: 0 on and below the diagonal, −∞ above.
     mask: Tensor,
+    /// Whether [`forward`](Self::forward) runs the fused CPU kernels of [`super::ops`] (only
+    /// possible on the CPU in f32/f64) instead of the primitive-op composition.
+    fused: bool,
 }
 
 impl Gpt {
@@ -249,7 +252,21 @@ impl Gpt {
             cos,
             sin,
             mask,
+            fused: ops::supported(init.device, init.dtype),
         })
+    }
+
+    /// Selects the fused CPU kernels (`true`, the default where they can run) or the
+    /// primitive-op composition, the reference path and the one every other device takes.
+    /// Returns whether the fused kernels are now in use: `false` where they cannot run.
+    pub fn set_fused_ops(&mut self, on: bool) -> bool {
+        self.fused = on && ops::supported(self.wte.device(), self.wte.dtype());
+        self.fused
+    }
+
+    /// Whether the fused CPU kernels are in use.
+    pub fn fused_ops(&self) -> bool {
+        self.fused
     }
 
     /// The config.
@@ -259,6 +276,9 @@ impl Gpt {
 
     /// Logits `(batch, time, vocab)` for U32 token ids `(batch, time)`, `time <= context`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return self.forward_fused(tokens);
+        }
         let (b, t) = check_tokens(tokens, self.cfg.context)?;
         let d = self.cfg.d_model;
         let eps = self.cfg.layer_norm_eps;
@@ -288,8 +308,7 @@ impl Gpt {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
-        let (b, t, d) = h.dims3()?;
-        let (nh, hd) = (self.cfg.n_heads, self.cfg.head_dim());
+        let nh = self.cfg.n_heads;
         let eps = self.cfg.layer_norm_eps;
         let mut q = linear(h, &block.q_proj, None)?;
         let mut k = linear(h, &block.k_proj, None)?;
@@ -298,23 +317,89 @@ impl Gpt {
             q = layer_norm(&q, Some(qn), None, eps)?;
             k = layer_norm(&k, Some(kn), None, eps)?;
         }
-        let heads = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rope(&heads(q)?, cos, sin)?;
-        let k = rope(&heads(k)?, cos, sin)?;
-        let v = heads(v)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let q = rope_composed(&split_heads(&q, nh)?, cos, sin)?;
+        let k = rope_composed(&split_heads(&k, nh)?, cos, sin)?;
+        let v = split_heads(&v, nh)?;
+        let y = attention_heads(&q, &k, &v, mask)?;
         linear(&y, &block.o_proj, None)
     }
+
+    /// [`forward`](Self::forward) with the fused CPU kernels: the same function, rounded
+    /// differently. The heads stay side by side in `(batch, time, d_model)` tensors throughout
+    /// (RoPE and attention work per head in place), so no head split or merge is copied.
+    fn forward_fused(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = check_tokens(tokens, self.cfg.context)?;
+        Ok(self.logits_fused(tokens, t)?.reshape((b, t, ()))?)
+    }
+
+    /// The fused forward pass on `(batch·time, width)` activations: the products need no
+    /// reshape around them, and every reshape would cost a gradient buffer in the backward pass.
+    fn logits_fused(&self, tokens: &Tensor, t: usize) -> Result<Tensor> {
+        let nh = self.cfg.n_heads;
+        let eps = self.cfg.layer_norm_eps;
+        let mm = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?) };
+        let mut x = self.wte.index_select(&tokens.flatten_all()?, 0)?;
+        for block in &self.blocks {
+            let h = ops::layer_norm(&x, &block.attn_norm, eps)?;
+            let mut q = mm(&h, &block.q_proj)?;
+            let mut k = mm(&h, &block.k_proj)?;
+            let v = mm(&h, &block.v_proj)?;
+            if let Some((qn, kn)) = &block.qk_norm {
+                q = ops::layer_norm(&q, qn, eps)?;
+                k = ops::layer_norm(&k, kn, eps)?;
+            }
+            let q = ops::rope(&q, &self.cos, &self.sin, nh, t)?;
+            let k = ops::rope(&k, &self.cos, &self.sin, nh, t)?;
+            let y = ops::attention(&q, &k, &v, nh, t)?;
+            x = (x + mm(&y, &block.o_proj)?)?;
+            let h = ops::layer_norm(&x, &block.mlp_norm, eps)?;
+            let h = ops::gelu(&mm(&h, &block.fc_in)?)?;
+            x = (x + mm(&h, &block.fc_out)?)?;
+        }
+        let x = ops::layer_norm(&x, &self.final_norm, eps)?;
+        mm(&x, &self.lm_head)
+    }
+}
+
+/// `(batch, time, heads·head_dim)` → `(batch, heads, time, head_dim)`, contiguous.
+fn split_heads(x: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    Ok(x.reshape((b, t, n_heads, d / n_heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Causal softmax attention composed from primitive ops, on heads split into their own axis
+/// `(batch, heads, time, head_dim)`; returns the heads merged back, `(batch, time, d_model)`.
+/// `mask` is the additive `(time, time)` causal mask.
+fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    Ok(probs.matmul(v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+}
+
+/// The composition that [`ops::attention`] replaces, on `(batch, time, d_model)` inputs.
+#[cfg(test)]
+pub(crate) fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_heads: usize,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    attention_heads(
+        &split_heads(q, n_heads)?,
+        &split_heads(k, n_heads)?,
+        &split_heads(v, n_heads)?,
+        mask,
+    )
 }
 
 /// Rotates `x` `(batch, heads, time, head_dim)` by the per-position angles:
 /// `x·cos + rotate_half(x)·sin`, with `rotate_half([x1, x2]) = [−x2, x1]` over the two halves of
 /// the head width. Built from narrow/cat/mul so it is differentiable.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let hd = x.dim(D::Minus1)?;
     let half = hd / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -343,7 +428,7 @@ fn rope_tables(cfg: &GptConfig, dtype: DType, device: &Device) -> Result<(Tensor
     Ok((cos, sin))
 }
 
-fn causal_mask(context: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(context: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let values: Vec<f64> = (0..context)
         .flat_map(|i| (0..context).map(move |j| if j <= i { 0.0 } else { f64::NEG_INFINITY }))
         .collect();
@@ -560,7 +645,10 @@ mod tests {
                 .unwrap()
                 .repeat((1, 1, 6, 1))
                 .unwrap();
-            rope(&xs, &cos, &sin).unwrap().reshape((6, 8)).unwrap()
+            rope_composed(&xs, &cos, &sin)
+                .unwrap()
+                .reshape((6, 8))
+                .unwrap()
         };
         let (rq, rk) = (at(&q), at(&k));
         // Norm preserved at every position.
@@ -592,8 +680,9 @@ mod tests {
     fn every_parameter_gets_a_gradient() {
         let mut configs = vec![cfg(true, 1e-4), cfg(false, 0.0)];
         configs.push(ModelConfig::preset(PRESETS[0]).unwrap());
-        for c in configs {
-            let model = c.build(DType::F32, &Device::Cpu).unwrap();
+        for (c, fused) in configs.iter().flat_map(|c| [(c, true), (c, false)]) {
+            let mut model = c.build(DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(model.set_fused_ops(fused), fused);
             let x = tokens(2, c.context(), c.vocab_size() as u32, 1);
             let y = tokens(2, c.context(), c.vocab_size() as u32, 2);
             let loss = model.forward_loss(&x, &y).unwrap();
@@ -602,7 +691,7 @@ mod tests {
             for p in params.iter() {
                 let g = grads
                     .get(p.var.as_tensor())
-                    .unwrap_or_else(|| panic!("{} got no gradient", p.meta.name));
+                    .unwrap_or_else(|| panic!("{} got no gradient (fused {fused})", p.meta.name));
                 let norm = g
                     .sqr()
                     .unwrap()
@@ -615,6 +704,59 @@ mod tests {
                     "{}: |g|² = {norm}",
                     p.meta.name
                 );
+            }
+        }
+    }
+
+    /// The fused CPU kernels and the primitive-op composition compute the same loss and the
+    /// same gradient of every parameter. Contexts of 8 and 80 (the attention kernel's causal
+    /// blocks are 64 rows), with and without QK-LayerNorm and the z-loss.
+    #[test]
+    fn fused_and_composed_paths_agree() {
+        let long = ModelConfig::Gpt(GptConfig {
+            d_model: 24,
+            n_layers: 2,
+            n_heads: 3,
+            vocab_size: 19,
+            context: 80,
+            ..GptConfig::default()
+        });
+        for c in [cfg(true, 1e-2), cfg(false, 0.0), long] {
+            for dtype in [DType::F32, DType::F64] {
+                let mut model = c.build(dtype, &Device::Cpu).unwrap();
+                assert!(model.fused_ops(), "fused kernels are the CPU default");
+                let x = tokens(3, c.context(), c.vocab_size() as u32, 8);
+                let y = tokens(3, c.context(), c.vocab_size() as u32, 9);
+                let run = |m: &crate::models::Model| {
+                    let l = m.forward_loss(&x, &y).unwrap();
+                    let g = l.total.backward().unwrap();
+                    (l, g)
+                };
+                let (lf, gf) = run(&model);
+                assert!(!model.set_fused_ops(false));
+                let (lc, gc) = run(&model);
+                let err = crate::models::ops::check::rel_err;
+                // Loss: the kernels' rounding only. Gradients: candle's GeLU backward writes
+                // 1/√(2π) with 6 digits (3e-7 relative), so in f64 the composition is the
+                // reference only to ~1e-7; the fused gradients are checked against finite
+                // differences in `gradient_matches_finite_differences`.
+                let (loss_tol, grad_tol) = if dtype == DType::F64 {
+                    (1e-12, 1e-6)
+                } else {
+                    (1e-5, 1e-5)
+                };
+                assert!(err(&lf.total, &lc.total) < loss_tol, "{dtype:?} total");
+                assert!(err(&lf.ce, &lc.ce) < loss_tol, "{dtype:?} ce");
+                assert_eq!(lf.z.is_some(), lc.z.is_some());
+                if let (Some(a), Some(b)) = (&lf.z, &lc.z) {
+                    assert!(err(a, b) < loss_tol, "{dtype:?} z");
+                }
+                for p in model.params().unwrap().iter() {
+                    let (a, b) = (gf.get(p.var.as_tensor()), gc.get(p.var.as_tensor()));
+                    let (a, b) = (a.unwrap(), b.unwrap());
+                    let e = err(a, b);
+                    assert!(e < grad_tol, "{dtype:?} {}: {e}", p.meta.name);
+                }
             }
         }
     }
@@ -645,10 +787,17 @@ mod tests {
         assert!(last < 0.2, "loss {first} -> {last}");
     }
 
-    /// Gradients agree with central finite differences along a random direction (f64).
+    /// Gradients agree with central finite differences along a random direction (f64), with
+    /// the fused kernels and with the composition.
     #[test]
     fn gradient_matches_finite_differences() {
-        let model = cfg(true, 1e-2).build(DType::F64, &Device::Cpu).unwrap();
+        finite_differences(true);
+        finite_differences(false);
+    }
+
+    fn finite_differences(fused: bool) {
+        let mut model = cfg(true, 1e-2).build(DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(model.set_fused_ops(fused), fused);
         let x = tokens(2, 6, 11, 4);
         let y = tokens(2, 6, 11, 5);
         let loss = model.forward_loss(&x, &y).unwrap();
@@ -691,7 +840,7 @@ mod tests {
         eval_at(0.0);
         assert!(
             (fd - directional).abs() < 1e-6 * directional.abs().max(1.0),
-            "finite difference {fd} vs gradient {directional}"
+            "fused {fused}: finite difference {fd} vs gradient {directional}"
         );
     }
 }

@@ -6,6 +6,9 @@
 //! pass and silently detach whatever sits before them, so a model using them "trains" with most
 //! parameters frozen; the layers here ([`layer_norm`], [`lm_loss`], the attention in `gpt`) are
 //! composed from primitive ops instead, and a test checks that every parameter gets a gradient.
+//! On the CPU the decoder and the loss run [`ops`]' fused kernels instead, which carry their own
+//! backward passes; the composition stays the reference path (and the path on other devices),
+//! selectable with [`Model::set_fused_ops`].
 //!
 //! Parameters live in a [`VarMap`] under names that make their role obvious to
 //! [`Role::infer`](crate::optim::Role::infer): `wte.weight` (embedding), `lm_head.weight`
@@ -15,6 +18,7 @@
 
 pub mod gpt;
 pub mod mlp;
+pub mod ops;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -155,6 +159,7 @@ impl ModelConfig {
             config: self.clone(),
             dtype,
             device: device.clone(),
+            fused: ops::supported(device, dtype),
         })
     }
 }
@@ -171,6 +176,8 @@ pub struct Model {
     config: ModelConfig,
     dtype: DType,
     device: Device,
+    /// Whether the loss (and the decoder) use the fused CPU kernels.
+    fused: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -194,7 +201,28 @@ impl Model {
     /// The training loss of `logits` against `targets` `(batch, time)`: mean cross-entropy plus
     /// the z-loss when the config enables it.
     pub fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Loss> {
-        lm_loss(logits, targets, self.config.z_loss())
+        if self.fused && ops::supported(logits.device(), logits.dtype()) {
+            lm_loss_fused(logits, targets, self.config.z_loss())
+        } else {
+            lm_loss(logits, targets, self.config.z_loss())
+        }
+    }
+
+    /// Selects the fused CPU kernels of [`ops`] for the decoder's forward pass and the loss
+    /// (`true`, the default on the CPU in f32/f64) or the primitive-op composition they replace
+    /// (the reference path, and the only one on other devices). Both compute the same function
+    /// and gradients up to rounding. Returns whether the fused kernels are now in use.
+    pub fn set_fused_ops(&mut self, on: bool) -> bool {
+        self.fused = on && ops::supported(&self.device, self.dtype);
+        if let Net::Gpt(g) = &mut self.net {
+            g.set_fused_ops(self.fused);
+        }
+        self.fused
+    }
+
+    /// Whether the fused CPU kernels are in use.
+    pub fn fused_ops(&self) -> bool {
+        self.fused
     }
 
     /// [`forward`](Self::forward) then [`loss`](Self::loss).
@@ -292,6 +320,26 @@ pub fn lm_loss(logits: &Tensor, targets: &Tensor, z_loss: f64) -> Result<Loss> {
         Ok(Loss {
             total: ce.clone(),
             ce,
+            z: None,
+        })
+    }
+}
+
+/// [`lm_loss`] with the fused CPU kernel [`ops::cross_entropy`]: one pass forward, one
+/// backward. `ce` and `z` are detached scalars (reporting only); `total` carries the gradient.
+pub fn lm_loss_fused(logits: &Tensor, targets: &Tensor, z_loss: f64) -> Result<Loss> {
+    let l = ops::cross_entropy(logits, targets, z_loss)?;
+    if z_loss > 0.0 {
+        Ok(Loss {
+            total: l.total,
+            ce: l.ce,
+            z: Some(l.z),
+        })
+    } else {
+        // Without the z-loss the total is the cross-entropy itself.
+        Ok(Loss {
+            ce: l.total.clone(),
+            total: l.total,
             z: None,
         })
     }

@@ -140,13 +140,24 @@ pub struct RunReport {
 }
 
 /// Sets the number of CPU threads candle uses (its `RAYON_NUM_THREADS`); 0 leaves the default.
-/// Call it at the very start of a program, before any other thread exists: it sets an
-/// environment variable.
+/// Also caps how long candle's elementwise workers spin for new work before they sleep
+/// ([`SPIN_LIMIT`], unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` is already set). Call it at the very
+/// start of a program, before any other thread exists: it sets environment variables.
 pub fn apply_threads(threads: usize) {
     if threads > 0 {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", SPIN_LIMIT.to_string());
+    }
 }
+
+/// Spin rounds of candle's elementwise worker threads before they park (candle's default is
+/// 25 000, tens of microseconds to a millisecond). Between two candle elementwise ops a step
+/// runs matrix products on rayon's threads and the fused kernels; a worker still spinning then
+/// takes a core from them, which made 2 threads slower than 1 on 2 cores. Parking sooner costs
+/// a wake-up (a few microseconds) per parallel elementwise op instead.
+pub const SPIN_LIMIT: u32 = 1000;
 
 /// Runs (or resumes) the training run `config` into `opts.out`; see the module docs.
 ///
@@ -707,7 +718,12 @@ impl Trainer {
         let device = cfg.device.open()?;
         let context = cfg.model.context();
         data.check_model(cfg.model.vocab_size(), context)?;
-        let model = cfg.model.build(cfg.dtype.dtype(), &device)?;
+        let mut model = cfg.model.build(cfg.dtype.dtype(), &device)?;
+        // The primitive-op composition instead of the fused CPU kernels, to compare the two
+        // (same function, different rounding; a no-op off the CPU, which always composes).
+        if std::env::var_os("OPTLAB_FUSED_OPS").is_some_and(|v| v == "0") {
+            model.set_fused_ops(false);
+        }
         let opt = Driver::new(cfg.optimizer_spec(), model.params()?)?;
         let vars = opt.vars();
         let ewa = if cfg.ewa.taus.is_empty() {
