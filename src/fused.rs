@@ -130,7 +130,7 @@ pub fn set_scalar_only(scalar_only: bool) {
 #[macro_export]
 macro_rules! vectorized {
     ($($body:tt)*) => {
-        $crate::fused::on_widest_simd(#[inline(always)] || { $($body)* })
+        $crate::fused::on_widest_simd(#[inline(always)] move || { $($body)* })
     };
 }
 pub use crate::vectorized;

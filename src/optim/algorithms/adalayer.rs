@@ -449,20 +449,27 @@ impl Plan {
             // Denominator exactly 1: SGD with bias-corrected EMA momentum.
             let scalars = [w1, decay, neg_step];
             let kernel = Kernel::new("adalayer_sgd", &scalars);
-            return zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
-                let [p, m] = o else {
-                    unreachable!("two outputs")
-                };
-                let n = p.len();
-                let (g, m) = (exactly(i[0], n, "grad")?, exactly_mut(m, n, "exp_avg")?);
-                vectorized! {
-                    for k in 0..n {
-                        m[k] = lerp(m[k], g[k], w1);
-                        p[k] = p[k] * decay + neg_step * m[k];
+            return zip_mut_or_kernel::<T>(
+                kernel,
+                &[param.as_tensor(), m],
+                &[grad],
+                move |o, i| {
+                    let [p, m] = o else {
+                        unreachable!("two outputs")
+                    };
+                    // One level of reference, so the loop keeps the slices in registers.
+                    let (p, m) = (&mut **p, &mut **m);
+                    let n = p.len();
+                    let (g, m) = (exactly(i[0], n, "grad")?, exactly_mut(m, n, "exp_avg")?);
+                    vectorized! {
+                        for k in 0..n {
+                            m[k] = lerp(m[k], g[k], w1);
+                            p[k] = p[k] * decay + neg_step * m[k];
+                        }
                     }
-                }
-                Ok(())
-            });
+                    Ok(())
+                },
+            );
         };
         #[cfg(feature = "cuda")]
         if param.device().is_cuda() {
@@ -474,11 +481,13 @@ impl Plan {
             let s = [w1, decay, neg_step, bc2_sqrt, eps];
             return crate::launch::emulate::adalayer::<T>(param.as_tensor(), m, v, grad, w2, s);
         }
-        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], |o, i| {
+        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], move |o, i| {
             let g = i[0];
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m, v) = (&mut **p, &mut **m, &mut **v);
             let (n, nb) = (p.len(), v.len());
             if n == 0 || nb == 0 {
                 return Ok(());

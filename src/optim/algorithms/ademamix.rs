@@ -143,10 +143,12 @@ impl AdEMAMix {
         let scalars = [
             b1, c1, b2, c2, b3, c3, alpha, bc1, bc2_sqrt, eps, wd, neg_lr,
         ];
-        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
+        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], move |o, i| {
             let [p, m2, v, m1 @ ..] = o else {
                 unreachable!("param, m2 and v")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m2, v) = (&mut **p, &mut **m2, &mut **v);
             let n = p.len();
             let g = exactly(i[0], n, "grad")?;
             let m2 = exactly_mut(m2, n, "exp_avg_slow")?;

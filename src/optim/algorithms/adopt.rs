@@ -122,10 +122,12 @@ impl Adopt {
         let (m, v) = (state.tensor("exp_avg")?, state.tensor("exp_avg_sq")?);
         let outs = [param.as_tensor(), m, v];
         if k == 0 {
-            return zip_mut::<T>(&outs, &[grad], |o, i| {
+            return zip_mut::<T>(&outs, &[grad], move |o, i| {
                 let [p, _, v] = o else {
                     unreachable!("three outputs")
                 };
+                // One level of reference, so the loop keeps the slices in registers.
+                let (p, v) = (&mut **p, &mut **v);
                 vectorized! { for ((v, p), &g) in v.iter_mut().zip(p.iter()).zip(i[0]) {
                     let g = sign * g + l2 * *p;
                     *v += g * g;
@@ -148,10 +150,12 @@ impl Adopt {
         let w1 = T::of(1.0 - c.betas.0);
         let (b2, c2) = (T::of(c.betas.1), T::of(1.0 - c.betas.1));
         let neg_lr = T::of(-ctx.lr);
-        zip_mut::<T>(&outs, &[grad], |o, i| {
+        zip_mut::<T>(&outs, &[grad], move |o, i| {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m, v) = (&mut **p, &mut **m, &mut **v);
             vectorized! { for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(i[0]) {
                 let g = sign * g + l2 * *p;
                 *p = *p + neg_decay * *p;

@@ -123,18 +123,26 @@ impl CautiousAdamW {
         let decay = T::of(1.0 - ctx.lr * ctx.weight_decay);
         let floor = T::of(MIN_KEPT_FRACTION);
         let (m, v) = (state.tensor("exp_avg")?, state.tensor("exp_avg_sq")?);
-        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], |o, i| {
+        zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], move |o, i| {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m, v) = (&mut **p, &mut **m, &mut **v);
             let g = i[0];
             // Pass 1: both moments, and how many coordinates agree.
-            let mut kept = 0usize;
-            vectorized! { for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                *m = lerp(*m, g, w1);
-                *v = lerp(*v, g * g, w2);
-                kept += usize::from(*m * g > T::zero());
-            } }
+            let kept = {
+                let (m, v) = (&mut *m, &mut *v);
+                vectorized! {
+                    let mut kept = 0usize;
+                    for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                        *m = lerp(*m, g, w1);
+                        *v = lerp(*v, g * g, w2);
+                        kept += usize::from(*m * g > T::zero());
+                    }
+                    kept
+                }
+            };
             if p.is_empty() {
                 return Ok(());
             }

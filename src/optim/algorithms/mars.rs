@@ -304,7 +304,7 @@ impl Mars {
                 zip_mut::<T>(&outs, &[grad], body)
             }
         };
-        run(|o: &mut [&mut [T]], i: &[&[T]]| {
+        run(move |o: &mut [&mut [T]], i: &[&[T]]| {
             let g = i[0];
             let n = g.len();
             let (last, rest) = o.split_first_mut().expect("last_grad");

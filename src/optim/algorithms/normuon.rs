@@ -267,10 +267,12 @@ impl Ortho {
         let shape = &meta.shape;
         let (mu, nesterov) = (T::of(self.mu), self.nesterov);
         let u = grad.zeros_like()?;
-        zip_mut::<T>(&[state.tensor("momentum")?, &u], &[grad], |o, i| {
+        zip_mut::<T>(&[state.tensor("momentum")?, &u], &[grad], move |o, i| {
             let [m, u] = o else {
                 unreachable!("two outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (m, u) = (&mut **m, &mut **u);
             vectorized! { for ((m, u), &g) in m.iter_mut().zip(u.iter_mut()).zip(i[0]) {
                 *m = *m * mu + g;
                 *u = if nesterov { *m * mu + g } else { *m };
@@ -301,7 +303,7 @@ impl Ortho {
         let decay = T::of(1.0 - ctx.lr * ctx.weight_decay);
         let neg_lr = T::of(-self.adjusted_lr(ctx.lr, shape));
         let cautious = self.cautious_wd;
-        zip_mut::<T>(&[param.as_tensor()], &[&n], |o, i| {
+        zip_mut::<T>(&[param.as_tensor()], &[&n], move |o, i| {
             for (p, &u) in o[0].iter_mut().zip(i[0]) {
                 let decayed = if !cautious {
                     *p * decay
@@ -357,7 +359,7 @@ impl Fallback {
         let m = state.tensor("exp_avg")?;
         with_float!(param.dtype(), "normuon", T => {
             let lr_wd = T::of(lr * wd);
-            zip_mut::<T>(&[param.as_tensor()], &[&before, m], |o, i| {
+            zip_mut::<T>(&[param.as_tensor()], &[&before, m], move |o, i| {
                 for ((p, &old), &m) in o[0].iter_mut().zip(i[0]).zip(i[1]) {
                     if m * old < T::of(0.0) {
                         *p += lr_wd * old;

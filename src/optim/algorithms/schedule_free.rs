@@ -250,7 +250,7 @@ fn lerp_toward(param: &Tensor, z: &Tensor, w: f64) -> Result<()> {
     with_float!(param.dtype(), "schedule-free mode switch", T => {
         let w = T::of(w);
         let scalars = [w];
-        zip_mut_or_kernel::<T>(Kernel::new("lerp_toward", &scalars), &[param], &[z], |o, i| {
+        zip_mut_or_kernel::<T>(Kernel::new("lerp_toward", &scalars), &[param], &[z], move |o, i| {
             let p = &mut *o[0];
             let z = exactly(i[0], p.len(), "z")?;
             vectorized! {
@@ -289,8 +289,10 @@ impl ScheduleFree {
                 let (b2, c2, eps) = (T::of(beta2), T::of(1.0 - beta2), T::of(eps));
                 let scalars = [b2, c2, bias_correction2, eps, c, y_lr, lr, wd, decay_flag];
                 let kernel = Kernel::new("schedule_free_adam", &scalars);
-                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), z, v], &[grad], |o, i| {
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), z, v], &[grad], move |o, i| {
                     let [y, z, v] = o else { unreachable!() };
+                    // One level of reference, so the loop keeps the slices in registers.
+                    let (y, z, v) = (&mut **y, &mut **z, &mut **v);
                     let n = y.len();
                     let g = exactly(i[0], n, "grad")?;
                     let (z, v) = (exactly_mut(z, n, "z")?, exactly_mut(v, n, "exp_avg_sq")?);
@@ -312,8 +314,10 @@ impl ScheduleFree {
                 Kernel::new("schedule_free_sgd", &[c, y_lr, lr, wd, decay_flag]),
                 &[param.as_tensor(), z],
                 &[grad],
-                |o, i| {
+                move |o, i| {
                     let [y, z] = o else { unreachable!() };
+                    // One level of reference, so the loop keeps the slices in registers.
+                    let (y, z) = (&mut **y, &mut **z);
                     let n = y.len();
                     let (g, z) = (exactly(i[0], n, "grad")?, exactly_mut(z, n, "z")?);
                     vectorized! {

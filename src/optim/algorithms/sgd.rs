@@ -123,7 +123,7 @@ impl Sgd {
             None => {
                 let scalars = [decay, sign, l2, lr];
                 let kernel = Kernel::new("sgd", &scalars);
-                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[grad], |o, i| {
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[grad], move |o, i| {
                     let p = &mut *o[0];
                     let g = exactly(i[0], p.len(), "grad")?;
                     vectorized! {
@@ -142,10 +142,12 @@ impl Sgd {
                 let nesterov = c.nesterov;
                 let scalars = [decay, sign, l2, lr, mu, keep, flag(first), flag(nesterov)];
                 let kernel = Kernel::new("sgd_momentum", &scalars);
-                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), buf], &[grad], |o, i| {
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), buf], &[grad], move |o, i| {
                     let [p, b] = o else {
                         unreachable!("two outputs")
                     };
+                    // One level of reference, so the loop keeps the slices in registers.
+                    let (p, b) = (&mut **p, &mut **b);
                     let n = p.len();
                     let g = exactly(i[0], n, "grad")?;
                     let b = exactly_mut(b, n, "momentum_buffer")?;

@@ -159,10 +159,12 @@ impl SimplifiedAdEMAMix {
             neg_lr,
         ];
         let kernel = Kernel::new("simplified_ademamix", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m, v], &[grad], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m, v], &[grad], move |o, i| {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m, v) = (&mut **p, &mut **m, &mut **v);
             let n = p.len();
             let g = exactly(i[0], n, "grad")?;
             let m = exactly_mut(m, n, "exp_avg")?;

@@ -303,10 +303,12 @@ impl InnerRule for AdamInner {
             let (b2, c2, eps) = (T::of(self.beta2), T::of(1.0 - self.beta2), T::of(self.eps));
             let scalars = [b2, c2, eps];
             let kernel = Kernel::new("soap_adam", &scalars);
-            zip_mut_or_kernel::<T>(kernel, &[dir, &stats[0]], &[&moments[0]], |o, i| {
+            zip_mut_or_kernel::<T>(kernel, &[dir, &stats[0]], &[&moments[0]], move |o, i| {
                 let [d, v] = o else {
                     unreachable!("direction and exp_avg_sq")
                 };
+                // One level of reference, so the loop keeps the slices in registers.
+                let (d, v) = (&mut **d, &mut **v);
                 let n = d.len();
                 let (v, m) = (exactly_mut(v, n, "exp_avg_sq")?, exactly(i[0], n, "exp_avg")?);
                 vectorized! {
@@ -453,7 +455,7 @@ fn update_moments(moments: &[(Tensor, f64, f64)], grad: &Tensor) -> Result<()> {
         let mut scalars = vec![T::of(coef.len() as f64)];
         scalars.extend(coef.iter().flat_map(|&(d, w)| [d, w]));
         let kernel = Kernel::new("ema_many", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &outs, &[grad], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &outs, &[grad], move |o, i| {
             let g = i[0];
             for (m, &(d, w)) in o.iter_mut().zip(&coef) {
                 let m = exactly_mut(m, g.len(), "moment")?;
@@ -476,7 +478,7 @@ fn apply_update(param: &Var, u: &Tensor, step: f64, norm: f64, decay: f64) -> Re
         let (step, norm, decay) = (T::of(step), T::of(norm), T::of(decay));
         let scalars = [step, norm, decay, flag(normalize), flag(has_decay)];
         let kernel = Kernel::new("soap_apply", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[u], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[u], move |o, i| {
             let p = &mut *o[0];
             let u = exactly(i[0], p.len(), "update")?;
             vectorized! {

@@ -125,10 +125,12 @@ impl Sophia {
         let sgn = if c.maximize { -T::one() } else { T::one() };
         let scalars = [decay, neg_lr, b1, c1, scale, floor, sgn];
         let kernel = Kernel::new("sophia", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad, h], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad, h], move |o, i| {
             let [p, m] = o else {
                 unreachable!("two outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m) = (&mut **p, &mut **m);
             let n = p.len();
             let (g, h) = (exactly(i[0], n, "grad")?, exactly(i[1], n, "hessian")?);
             let m = exactly_mut(m, n, "exp_avg")?;
@@ -149,7 +151,7 @@ impl Sophia {
         let (b2, c2) = (T::of(self.0.betas.1), T::of(1.0 - self.0.betas.1));
         let scalars = [b2, c2, flag(square)];
         let kernel = Kernel::new("sophia_hessian", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[h], &[value], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[h], &[value], move |o, i| {
             let h = &mut *o[0];
             let e = exactly(i[0], h.len(), "hessian estimate")?;
             vectorized! {

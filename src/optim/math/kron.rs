@@ -318,7 +318,7 @@ pub fn ema_update(factor: &Tensor, stat: &Tensor, ema: FactorEma) -> Result<()> 
             FactorEma::ScaleAdd { decay, weight } => [T::of(weight), T::of(decay), T::of(3.0)],
         };
         let kernel = Kernel::new("factor_ema", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[factor], &[&stat], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[factor], &[&stat], move |o, i| {
             let f = &mut *o[0];
             let s = exactly(i[0], f.len(), "statistic")?;
             vectorized! {

@@ -71,10 +71,12 @@ impl AdamStep {
             "adamw"
         };
         let scalars = [decay, b1, c1, b2, c2, step_size, bc2_sqrt, eps, sign];
-        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], |o, i| {
+        zip_mut_or_kernel::<T>(Kernel::new(name, &scalars), &outs, &[grad], move |o, i| {
             let [p, m, v, vmax @ ..] = o else {
                 unreachable!("param, m and v")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m, v) = (&mut **p, &mut **m, &mut **v);
             let n = p.len();
             let g = exactly(i[0], n, "grad")?;
             let m = exactly_mut(m, n, "exp_avg")?;
@@ -151,10 +153,12 @@ impl SignMomentumStep {
         let (b2, c2) = (T::of(self.beta2), T::of(1.0 - self.beta2));
         let scalars = [decay, lr, b1, c1, b2, c2];
         let kernel = Kernel::new("sign_momentum", &scalars);
-        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], |o, i| {
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m], &[grad], move |o, i| {
             let [p, m] = o else {
                 unreachable!("two outputs")
             };
+            // One level of reference, so the loop keeps the slices in registers.
+            let (p, m) = (&mut **p, &mut **m);
             let n = p.len();
             let g = exactly(i[0], n, "grad")?;
             let m = exactly_mut(m, n, "exp_avg")?;

@@ -108,7 +108,7 @@ impl Shampoo {
                 index(ia),
             ];
             let kernel = Kernel::new("shampoo_graft", &scalars);
-            zip_mut_or_kernel::<T>(kernel, &outs, &[g], |o, i| {
+            zip_mut_or_kernel::<T>(kernel, &outs, &[g], move |o, i| {
                 let g = i[0];
                 let n = g.len();
                 // The outputs present, by role (the slot indices say which is which).
@@ -230,7 +230,7 @@ impl Shampoo {
             IterateAveraging::None => {
                 let scalars = [alpha_t, neg_lr, has_decay];
                 let kernel = Kernel::new("shampoo_update", &scalars);
-                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&d], |o, i| {
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor()], &[&d], move |o, i| {
                     let p = &mut *o[0];
                     let d = exactly(i[0], p.len(), "direction")?;
                     vectorized! {
@@ -255,10 +255,12 @@ impl Shampoo {
                 let nesterov = flag::<T>(use_nesterov);
                 let scalars = [alpha_t, neg_lr, has_decay, mu, keep, nesterov];
                 let kernel = Kernel::new("shampoo_update_momentum", &scalars);
-                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), &buf], &[&d], |o, i| {
+                zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), &buf], &[&d], move |o, i| {
                     let [p, b] = o else {
                         unreachable!("two outputs")
                     };
+                    // One level of reference, so the loop keeps the slices in registers.
+                    let (p, b) = (&mut **p, &mut **b);
                     let n = p.len();
                     let (d, b) = (
                         exactly(i[0], n, "direction")?,
@@ -300,7 +302,7 @@ pub(super) fn with_l2(g: &Tensor, w: &Tensor, wd: f64) -> Result<Tensor> {
     with_float!(g.dtype(), "shampoo", T => {
         let wd = T::of(wd);
         let scalars = [wd];
-        zip_mut_or_kernel::<T>(Kernel::new("add_scaled", &scalars), &[&out], &[g, w], |o, i| {
+        zip_mut_or_kernel::<T>(Kernel::new("add_scaled", &scalars), &[&out], &[g, w], move |o, i| {
             let out = &mut *o[0];
             let n = out.len();
             let (g, w) = (exactly(i[0], n, "grad")?, exactly(i[1], n, "param")?);
