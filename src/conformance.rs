@@ -783,7 +783,8 @@ pub fn gpu_f32_factor(optimizer: &str) -> f64 {
         | "schedulefree_sgd"
         | "sophia"
         | "adopt"
-        | "cautious_adamw" => 1.0,
+        | "cautious_adamw"
+        | "psgd_kron" => 1.0,
         "adalayer" | "adalayer_sgd" | "mars" | "adafactor" | "adafactor_hf" => 2.0,
         _ => 4.0,
     }
