@@ -874,3 +874,184 @@ impl Rule for PsgdKron {
         crate::optim::rule::expect_state_shape(meta, state, "momentum", &meta.shape)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::optim::testing::{self, flat, lcg_from_state};
+    use crate::optim::{Driver, OptimConfig, Optimizer};
+
+    const SHAPES: [(&str, &[usize]); 3] = [("b", &[6]), ("s", &[1, 1]), ("w", &[4, 1, 6])];
+
+    fn driver(cfg: PsgdKronConfig) -> Driver {
+        testing::driver(OptimConfig::PsgdKron(cfg), &SHAPES, DType::F64, |i, n| {
+            lcg_from_state(3 + i, n)
+        })
+    }
+
+    fn grads(seed: u64) -> BTreeMap<String, Tensor> {
+        testing::named(&SHAPES, DType::F64, |i, n| lcg_from_state(seed * 10 + i, n))
+    }
+
+    fn meta(shape: &[usize]) -> ParamMeta {
+        testing::driver(
+            OptimConfig::PsgdKron(PsgdKronConfig::default()),
+            &[("x", shape)],
+            DType::F64,
+            |_, n| vec![0.0; n],
+        )
+        .params()
+        .remove(0)
+    }
+
+    #[test]
+    fn factor_structure_follows_the_thresholds() {
+        let rule = |skew: f64, size: Option<f64>| {
+            PsgdKron(PsgdKronConfig {
+                preconditioner_max_skew: skew,
+                preconditioner_max_size: size,
+                ..Default::default()
+            })
+        };
+        let st = rule(1.0, None).structure(&meta(&[8, 12]));
+        assert_eq!((st.dims, st.dense), (vec![8, 12], vec![true, false]));
+        let st = rule(2.0, None).structure(&meta(&[8, 1, 12]));
+        assert_eq!((st.dims, st.dense), (vec![8, 12], vec![true, true]));
+        let st = rule(2.0, Some(10.0)).structure(&meta(&[8, 12]));
+        assert_eq!(st.dense, vec![true, false]);
+        let st = rule(1.0, None).structure(&meta(&[6]));
+        assert_eq!(st.dense, vec![false]);
+        let st = rule(1.0, None).structure(&meta(&[1, 1]));
+        assert_eq!((st.dims, st.dense), (vec![1], vec![false]));
+    }
+
+    #[test]
+    fn norm_bounds_are_lower_bounds_and_zero_for_zero() {
+        let n = 5;
+        let mut a = vec![0.0f64; n * n];
+        for i in 0..n {
+            a[i * n + i] = (i + 1) as f64;
+        }
+        let v = lcg_from_state(9, PROBES * n);
+        let lb = norm_lower_bound(&a, n, &v, true);
+        assert!(lb <= 5.0 * (1.0 + 1e-12) && lb > 4.5, "{lb}");
+        assert_eq!(norm_lower_bound(&vec![0.0; n * n], n, &v, false), 0.0);
+        // A symmetric Q is left as is by the Procrustes step.
+        let mut q = a.clone();
+        procrustes(&mut q, n, &v);
+        assert_eq!(q, a);
+    }
+
+    #[test]
+    fn seeded_draws_are_deterministic_and_resume_exactly() -> Result<()> {
+        let cfg = PsgdKronConfig {
+            lr_params: 0.01,
+            momentum: 0.9,
+            preconditioner_max_skew: 2.0,
+            preconditioner_update_probability: 0.6,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (driver(cfg.clone()), driver(cfg.clone()));
+        for s in 0..3 {
+            a.step_named(&grads(s))?;
+            b.step_named(&grads(s))?;
+        }
+        let mut c = driver(cfg.clone());
+        c.load_state_dict(a.state_dict()?)?;
+        for ((_, to), (_, from)) in c.vars().iter().zip(a.vars()) {
+            to.set(from.as_tensor())?;
+        }
+        for s in 3..6 {
+            a.step_named(&grads(s))?;
+            c.step_named(&grads(s))?;
+        }
+        let values = |o: &Driver| -> Vec<Vec<f64>> {
+            o.vars().iter().map(|(_, v)| flat(v.as_tensor())).collect()
+        };
+        assert_eq!(values(&a), values(&c));
+        let mut d = driver(PsgdKronConfig { seed: 1, ..cfg });
+        for s in 0..3 {
+            d.step_named(&grads(s))?;
+        }
+        assert_ne!(values(&b), values(&d));
+        Ok(())
+    }
+
+    #[test]
+    fn recorded_draws_are_checked_and_skip_updates() -> Result<()> {
+        let mut opt = driver(PsgdKronConfig {
+            preconditioner_update_probability: 0.5,
+            ..Default::default()
+        });
+        let tape = |n: usize, u: f64| -> Result<BTreeMap<String, Tensor>> {
+            let mut m = BTreeMap::new();
+            for (name, _) in SHAPES {
+                let mut v = vec![u];
+                v.extend(std::iter::repeat(0.5).take(n));
+                m.insert(name.to_string(), Tensor::new(v, &Device::Cpu)?);
+            }
+            Ok(m)
+        };
+        // u = 0.75 ≥ 0.5: no update, one value per parameter; the factors stay S·I.
+        opt.observe_named(ExtraInput::RandomDraws, &tape(0, 0.75)?)?;
+        opt.step_named(&grads(1))?;
+        let q = flat(opt.param_state("b").unwrap().tensor("q0")?);
+        assert!(q.iter().all(|&x| x == q[0]));
+        // An update step with too few draws is refused, naming the parameter and the count.
+        opt.observe_named(ExtraInput::RandomDraws, &tape(3, 0.25)?)?;
+        let err = opt.step_named(&grads(2)).unwrap_err().to_string();
+        assert!(err.contains("`b`") && err.contains("takes 8"), "{err}");
+        assert!(opt
+            .observe_named(ExtraInput::PreviousGrad, &grads(3))
+            .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = |cfg: PsgdKronConfig, field: &str| {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        };
+        bad(
+            PsgdKronConfig {
+                dq: "QEP".into(),
+                ..Default::default()
+            },
+            "psgd_kron.dQ",
+        );
+        bad(
+            PsgdKronConfig {
+                whiten_grad: false,
+                ..Default::default()
+            },
+            "psgd_kron.whiten_grad",
+        );
+        bad(
+            PsgdKronConfig {
+                preconditioner_update_probability: 1.5,
+                ..Default::default()
+            },
+            "preconditioner_update_probability",
+        );
+        bad(
+            PsgdKronConfig {
+                grad_clip_max_amps: (0.0, 1.0),
+                ..Default::default()
+            },
+            "grad_clip_max_amps[0]",
+        );
+        let cfg = OptimConfig::from_toml(
+            "name = \"psgd_kron\"\nbetaL = 0.95\ndQ = \"Q0.5EQ1.5\"\npreconditioner_init_scale = 2.0",
+        )
+        .unwrap();
+        let OptimConfig::PsgdKron(c) = cfg else {
+            panic!("not psgd_kron")
+        };
+        assert_eq!((c.beta_l, c.preconditioner_init_scale), (0.95, Some(2.0)));
+    }
+}
