@@ -285,7 +285,7 @@ fn mode_product<T: Float>(x: &[T], dims: &[usize], k: usize, m: &[T], transpose:
                 let xj = &x[base + j * inner..base + (j + 1) * inner];
                 vectorized! {
                     for (y, &x) in yi.iter_mut().zip(xj) {
-                        *y = *y + c * x;
+                        *y += c * x;
                     }
                 }
             }
@@ -303,7 +303,7 @@ fn mode_scale<T: Float>(x: &mut [T], dims: &[usize], k: usize, q: &[T]) {
             let xi = &mut x[start..start + inner];
             vectorized! {
                 for x in xi.iter_mut() {
-                    *x = *x * c;
+                    *x *= c;
                 }
             }
         }
@@ -321,7 +321,7 @@ fn mode_gram<T: Float>(y: &[T], dims: &[usize], k: usize) -> Vec<T> {
                 let base = a * n * inner;
                 let yi = &y[base + i * inner..base + (i + 1) * inner];
                 let yj = &y[base + j * inner..base + (j + 1) * inner];
-                s = s + vectorized! {
+                s += vectorized! {
                     yi.iter().zip(yj).fold(T::zero(), |s, (&a, &b)| s + a * b)
                 };
             }
@@ -340,7 +340,7 @@ fn mode_sq_sums<T: Float>(y: &[T], dims: &[usize], k: usize) -> Vec<T> {
         for (i, t) in t.iter_mut().enumerate() {
             let start = (a * n + i) * inner;
             let yi = &y[start..start + inner];
-            *t = *t + vectorized! { yi.iter().fold(T::zero(), |s, &v| s + v * v) };
+            *t += vectorized! { yi.iter().fold(T::zero(), |s, &v| s + v * v) };
         }
     }
     t
@@ -357,7 +357,7 @@ fn matmul<T: Float>(a: &[T], b: &[T], n: usize) -> Vec<T> {
             let bj = &b[j * n..(j + 1) * n];
             vectorized! {
                 for (c, &b) in cr.iter_mut().zip(bj) {
-                    *c = *c + x * b;
+                    *c += x * b;
                 }
             }
         }
@@ -419,7 +419,7 @@ fn norm_lower_bound<T: Float>(a: &[T], n: usize, v: &[T], spd: bool) -> T {
         for row in v.chunks_mut(n) {
             let d = row_norm(row) + tiny;
             for x in row.iter_mut() {
-                *x = *x / d;
+                *x /= d;
             }
         }
         v = matmul(&v, &a, n);
@@ -438,7 +438,7 @@ fn procrustes<T: Float>(q: &mut [T], n: usize, w: &[T]) {
     }
     let scale = norm_lower_bound(&r, n, w, false) + tiny;
     for x in r.iter_mut() {
-        *x = *x / scale;
+        *x /= scale;
     }
     let rq = matmul(&r, q, n);
     let rrq = matmul(&r, &rq, n);
@@ -452,7 +452,7 @@ fn procrustes<T: Float>(q: &mut [T], n: usize, w: &[T]) {
     };
     let half = a / T::of(2.0);
     for ((q, &rq), &rrq) in q.iter_mut().zip(&rq).zip(&rrq) {
-        *q = *q + a * (rq + half * rrq);
+        *q += a * (rq + half * rrq);
     }
 }
 
@@ -533,7 +533,7 @@ impl PsgdKron {
                 let step = mu / lip;
                 let tq = matmul(&t, q, n);
                 for (q, &tq) in q.iter_mut().zip(&tq) {
-                    *q = *q - step * (tq - tau * *q);
+                    *q -= step * (tq - tau * *q);
                 }
                 procrustes(q, n, &draws.skh[offset..offset + probes]);
                 offset += probes;
@@ -544,7 +544,7 @@ impl PsgdKron {
                 lips[k] = lip.f64();
                 let step = mu / lip;
                 for (q, &t) in q.iter_mut().zip(&t) {
-                    *q = *q * (T::one() - step * (t - tau));
+                    *q *= T::one() - step * (t - tau);
                 }
             }
         }
@@ -561,7 +561,7 @@ impl PsgdKron {
             for (f, &m) in factors.iter_mut().zip(&maxes) {
                 let r = g / m;
                 for x in f.iter_mut() {
-                    *x = *x * r;
+                    *x *= r;
                 }
             }
         }
@@ -628,7 +628,7 @@ impl PsgdKron {
                 let p = &mut *o[0];
                 vectorized! {
                     for p in p.iter_mut() {
-                        *p = *p * decay;
+                        *p *= decay;
                     }
                 }
                 Ok(())
@@ -768,7 +768,7 @@ impl PsgdKron {
             vectorized! {
                 for h in h.iter_mut() {
                     if scale != T::one() {
-                        *h = *h * scale;
+                        *h *= scale;
                     }
                     *h = fmin(fmax(*h, -c2), c2);
                 }
@@ -779,7 +779,7 @@ impl PsgdKron {
             let h = exactly(&h, n, "update")?;
             vectorized! {
                 for (p, &h) in p.iter_mut().zip(h) {
-                    *p = *p + neg_lr * h;
+                    *p += neg_lr * h;
                 }
             }
             Ok(())
@@ -991,7 +991,7 @@ mod tests {
             let mut m = BTreeMap::new();
             for (name, _) in SHAPES {
                 let mut v = vec![u];
-                v.extend(std::iter::repeat(0.5).take(n));
+                v.extend(std::iter::repeat_n(0.5, n));
                 m.insert(name.to_string(), Tensor::new(v, &Device::Cpu)?);
             }
             Ok(m)
