@@ -263,6 +263,9 @@ pub struct LoopOptions {
     /// MARS exact: before step t, feed `extra.last_grad[t + 1]` as the previous gradient (the
     /// value step t + 1 subtracts), zeros before the last step.
     pub last_grad_from_extra: bool,
+    /// PSGD Kron: before each step feed the recorded random draws (`update_probability`,
+    /// `precond_update_u`, `damping_noise`, `spd_probes`, `skh_probes`, `balance_u`).
+    pub draws_from_extra: bool,
     /// dion's `param_groups` (each group's `params` and `algorithm`), checked against the
     /// parameters' roles before the replay.
     pub param_groups: Option<Value>,
@@ -351,6 +354,7 @@ pub fn map_hparams(
             }
         }
         "adopt" => map_adopt_clip(&mut h)?,
+        "psgd_kron" => opts.draws_from_extra = true,
         "cautious_adamw" => {
             // Only silences a warning.
             take(&mut h, "no_deprecation_warning");
@@ -779,7 +783,8 @@ pub fn gpu_f32_factor(optimizer: &str) -> f64 {
         | "schedulefree_sgd"
         | "sophia"
         | "adopt"
-        | "cautious_adamw" => 1.0,
+        | "cautious_adamw"
+        | "psgd_kron" => 1.0,
         "adalayer" | "adalayer_sgd" | "mars" | "adafactor" | "adafactor_hf" => 2.0,
         _ => 4.0,
     }
@@ -860,7 +865,7 @@ fn replay_inner(
     for p in &case.param_meta {
         params.set_role(&p.name, p.role)?;
     }
-    let mut opt = Driver::new(config, params)?;
+    let mut opt = Driver::new(config.clone(), params)?;
     let mut dev = Deviation::default();
     let extra_steps = |key: &str| -> Result<Option<Vec<Value>>> {
         match case.extra.get(key) {
@@ -902,6 +907,14 @@ fn replay_inner(
                 previous.insert(p.name.clone(), tensor_of(v, &p.shape, dtype, device)?);
             }
             opt.observe_named(ExtraInput::PreviousGrad, &previous)?;
+        }
+        if opts.draws_from_extra {
+            let draws = psgd_draws(case, &config, s)?;
+            let mut values = BTreeMap::new();
+            for (p, v) in case.param_meta.iter().zip(&draws) {
+                values.insert(p.name.clone(), tensor_of(v, &[v.len()], dtype, device)?);
+            }
+            opt.observe_named(ExtraInput::RandomDraws, &values)?;
         }
         opt.step_named(&grads)?;
         if opts.hessian_from_extra {
@@ -961,6 +974,81 @@ fn replay_inner(
         }
     }
     Ok(Outcome::Pass(dev))
+}
+
+/// PSGD Kron's recorded draws of step `s`, one vector per parameter in the rule's layout:
+/// `[u]`, or `[u, damping noise, spd probes, skh probes, balance u]` on an update step.
+fn psgd_draws(case: &GoldenCase, config: &OptimConfig, s: usize) -> Result<Vec<Vec<f64>>> {
+    let at = |key: &str| -> Result<&Value> {
+        match case.extra.get(key) {
+            Some(Value::Array(steps)) => steps
+                .get(s)
+                .ok_or_else(|| Error::Msg(format!("extra.{key} has no step {s}"))),
+            _ => Err(Error::Msg(format!("psgd_kron case lacks extra.{key}"))),
+        }
+    };
+    let number = |key: &str| -> Result<f64> {
+        at(key)?
+            .as_f64()
+            .ok_or_else(|| Error::Msg(format!("extra.{key}[{s}] is not a number")))
+    };
+    let OptimConfig::PsgdKron(cfg) = config else {
+        return Err(Error::Msg("psgd_kron draws for another optimizer".into()));
+    };
+    // The training loop's probability schedule must be the configured one (the replay does not
+    // change the config between steps).
+    let p = number("update_probability")?;
+    if p != cfg.preconditioner_update_probability {
+        return Err(Error::Msg(format!(
+            "extra.update_probability[{s}] = {p} differs from \
+             preconditioner_update_probability = {}",
+            cfg.preconditioner_update_probability
+        )));
+    }
+    let u = number("precond_update_u")?;
+    let update = (u as f32) < (p as f32);
+    if at("precond_update")?.as_bool() != Some(update) {
+        return Err(Error::Msg(format!(
+            "extra.precond_update[{s}] disagrees with u = {u} < p = {p}"
+        )));
+    }
+    let lists = |key: &str| -> Result<Vec<Vec<f64>>> {
+        serde_json::from_value(at(key)?.clone())
+            .map_err(|e| Error::Msg(format!("extra.{key}[{s}]: {e}")))
+    };
+    let n = case.param_meta.len();
+    if !update {
+        return Ok(vec![vec![u]; n]);
+    }
+    let (noise, spd, skh, bal) = (
+        lists("damping_noise")?,
+        lists("spd_probes")?,
+        lists("skh_probes")?,
+        lists("balance_u")?,
+    );
+    for (key, l) in [
+        ("damping_noise", &noise),
+        ("spd_probes", &spd),
+        ("skh_probes", &skh),
+        ("balance_u", &bal),
+    ] {
+        if l.len() != n {
+            return Err(Error::Msg(format!(
+                "extra.{key}[{s}] has {} entries on an update step, expected {n}",
+                l.len()
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut v = vec![u];
+        v.extend(&noise[i]);
+        v.extend(&spd[i]);
+        v.extend(&skh[i]);
+        v.extend(&bal[i]);
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// Formats one result line: `PASS <file> f64 max_rel_err=…` or `FAIL <file> f32 <reason>`.

@@ -43,8 +43,10 @@ enum Mutation {
 fn mutations_of(case: &GoldenCase) -> Vec<(&'static str, Option<usize>, Mutation)> {
     let h = &case.hparams;
     let mut out = Vec::new();
-    if h.get("lr").is_some_and(Value::is_f64) {
-        out.push(("lr", None, Mutation::Scale));
+    for key in ["lr", "lr_params"] {
+        if h.get(key).is_some_and(Value::is_f64) {
+            out.push((key, None, Mutation::Scale));
+        }
     }
     if let Some(Value::Array(b)) = h.get("betas") {
         // The last moment's decay (β2 of Adam, β3 of AdEMAMix, …).

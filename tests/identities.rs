@@ -90,3 +90,53 @@ fn cautious_adamw_with_agreeing_signs_is_adamw() {
         }
     }
 }
+
+/// PSGD Kron that never updates its preconditioner keeps `P = S²·I`; with `S = 1` its step is
+/// the clipped momentum: `m` a running mean capped at `momentum` (`β = 0, ½, ⅔, …`), so for
+/// `momentum ≤ ½` it is SGD with momentum = dampening (torch's first step takes `buf = g`).
+#[test]
+fn psgd_kron_without_preconditioner_updates_is_momentum_sgd() {
+    let psgd = "name = \"psgd_kron\"\nlr_params = 0.03\nmomentum = 0.5\n\
+                preconditioner_update_probability = 0.0\npreconditioner_init_scale = 1.0\n\
+                preconditioner_max_skew = 2.0\ngrad_clip_max_amps = [100.0, 100.0]";
+    let sgd = "name = \"sgd\"\nlr = 0.03\nmomentum = 0.5\ndampening = 0.5";
+    assert_eq!(trajectory(psgd, 6), trajectory(sgd, 6));
+}
+
+/// Without momentum the step is the gradient clipped per tensor: its RMS to `c1`, then each
+/// element to `±c2`.
+#[test]
+fn psgd_kron_without_preconditioner_updates_clips_like_the_spec() {
+    let (lr, c1, c2) = (0.03, 0.3, 0.25);
+    let psgd = format!(
+        "name = \"psgd_kron\"\nlr_params = {lr}\npreconditioner_update_probability = 0.0\n\
+         preconditioner_init_scale = 1.0\ngrad_clip_max_amps = [{c1}, {c2}]"
+    );
+    let vars = model_params(candle_core::DType::F64);
+    let mut want: Vec<Vec<f64>> = vars.iter().map(|(_, v)| values_of(v)).collect();
+    let mut fired = false;
+    for s in 1..=4 {
+        let grads = grads_for(&vars, s);
+        for ((name, _), p) in vars.iter().zip(&mut want) {
+            let g: Vec<f64> = grads[name].flatten_all().unwrap().to_vec1().unwrap();
+            let rms = (g.iter().map(|x| x * x).sum::<f64>() / g.len() as f64).sqrt();
+            let scale = if rms > c1 { c1 / rms } else { 1.0 };
+            fired |= scale < 1.0 || g.iter().any(|x| (x * scale).abs() > c2);
+            for (p, g) in p.iter_mut().zip(&g) {
+                *p -= lr * (g * scale).clamp(-c2, c2);
+            }
+        }
+    }
+    let got: std::collections::BTreeMap<String, Vec<u64>> =
+        trajectory(&psgd, 4).into_iter().collect();
+    let mut clipped = 0;
+    for ((name, _), want) in vars.iter().zip(&want) {
+        for (g, w) in got[name].iter().zip(want) {
+            let g = f64::from_bits(*g);
+            assert!((g - w).abs() <= 1e-15, "{name}: {g} vs {w}");
+        }
+        clipped += 1;
+    }
+    assert_eq!(clipped, vars.len());
+    assert!(fired, "the clip bounds must bind somewhere");
+}

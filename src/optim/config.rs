@@ -148,6 +148,7 @@ optimizers! {
     Adopt(crate::optim::algorithms::adopt::AdoptConfig),
     CautiousAdamw(crate::optim::algorithms::cautious_adamw::CautiousAdamWConfig),
     Normuon(crate::optim::algorithms::normuon::NorMuonConfig),
+    PsgdKron(crate::optim::algorithms::psgd_kron::PsgdKronConfig),
 }
 
 impl OptimConfig {

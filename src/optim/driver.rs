@@ -217,6 +217,26 @@ impl Driver {
         Ok(Some(out))
     }
 
+    /// Extra-input values of any shape, in each parameter's dtype; `None` if any is non-finite.
+    fn collect_unshaped(
+        &self,
+        lookup: &dyn Fn(&Var) -> Option<Tensor>,
+    ) -> Result<Option<Vec<Option<Tensor>>>> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let v = match lookup(&slot.var) {
+                Some(v) => Some(prepare_grad(&v, slot.var.dtype())?),
+                None => None,
+            };
+            out.push(v);
+        }
+        let present: Vec<&Tensor> = out.iter().flatten().collect();
+        Ok(all_finite_each(&present)?
+            .iter()
+            .all(|ok| *ok)
+            .then_some(out))
+    }
+
     /// One step from gradients given by a lookup (by variable).
     pub fn step_with(&mut self, lookup: &dyn Fn(&Var) -> Option<Tensor>) -> Result<()> {
         if self.mode != Mode::Train {
@@ -232,6 +252,13 @@ impl Driver {
         for g in &mut self.groups {
             let lr = g.base_lr * self.lr_factor;
             g.rule.begin_step(lr, &mut g.state)?;
+        }
+        for (gi, g) in self.groups.iter_mut().enumerate() {
+            let members: Vec<&Tensor> = (self.slots.iter().zip(&grads))
+                .filter(|(s, _)| s.group == gi)
+                .filter_map(|(_, g)| g.as_ref())
+                .collect();
+            g.rule.begin_step_grads(&members, &mut g.state)?;
         }
         let (groups, lr_factor, step) = (&self.groups, self.lr_factor, self.step);
         let update = |(slot, grad): (&mut Slot, Option<Tensor>)| -> Result<()> {
@@ -300,7 +327,12 @@ impl Driver {
         input: ExtraInput,
         lookup: &dyn Fn(&Var) -> Option<Tensor>,
     ) -> Result<()> {
-        let Some(values) = self.collect(lookup)? else {
+        let values = if input.shaped_like_param() {
+            self.collect(lookup)?
+        } else {
+            self.collect_unshaped(lookup)?
+        };
+        let Some(values) = values else {
             return Err(Error::Msg(format!(
                 "non-finite values in extra input {input:?}"
             )));

@@ -34,6 +34,16 @@ pub enum ExtraInput {
     HessianDiag,
     /// MARS exact: the gradient of the next batch at the current parameters.
     PreviousGrad,
+    /// PSGD Kron: the random draws of the next step, one vector per parameter (not shaped like
+    /// it; layout in `optim::algorithms::psgd_kron`).
+    RandomDraws,
+}
+
+impl ExtraInput {
+    /// Whether the values have the parameter's shape (else any vector; the rule checks it).
+    pub fn shaped_like_param(self) -> bool {
+        self != ExtraInput::RandomDraws
+    }
 }
 
 /// Training or evaluation parameters (Schedule-Free keeps different points for each).
@@ -61,6 +71,12 @@ pub trait Rule: Send + Sync {
 
     /// Group-wide work at the start of each step, before any parameter of the group moves.
     fn begin_step(&self, _lr: f64, _group: &mut State) -> Result<()> {
+        Ok(())
+    }
+
+    /// Group-wide work that needs this step's gradients of the group's parameters (those
+    /// present, in parameter order), after [`Rule::begin_step`] and before any parameter moves.
+    fn begin_step_grads(&self, _grads: &[&Tensor], _group: &mut State) -> Result<()> {
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub fn tuned(name: &str) -> Option<&'static str> {
         "adopt" => "lr = 0.02\nbetas = [0.9, 0.999]",
         "cautious_adamw" => "lr = 0.02",
         "normuon" => "lr = 0.02\nweight_decay = 0.0",
+        "psgd_kron" => "lr_params = 0.01\nmomentum = 0.9\npreconditioner_max_skew = 2.0",
         "signum" | "lion" => "lr = 0.003",
         "sophia" => "lr = 0.01\nbs = 1\nrho = 0.05",
         "adafactor" => "lr = 0.05",

@@ -16,6 +16,7 @@ pub mod lion;
 pub mod mars;
 pub mod muon;
 pub mod normuon;
+pub mod psgd_kron;
 pub mod schedule_free;
 pub mod sgd;
 pub mod shampoo;
