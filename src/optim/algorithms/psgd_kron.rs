@@ -283,6 +283,7 @@ fn mode_product<T: Float>(x: &[T], dims: &[usize], k: usize, m: &[T], transpose:
                     m[i * n + j]
                 };
                 let xj = &x[base + j * inner..base + (j + 1) * inner];
+                let yi = &mut *yi;
                 vectorized! {
                     for (y, &x) in yi.iter_mut().zip(xj) {
                         *y += c * x;
@@ -355,6 +356,7 @@ fn matmul<T: Float>(a: &[T], b: &[T], n: usize) -> Vec<T> {
         for j in 0..n {
             let x = a[r * n + j];
             let bj = &b[j * n..(j + 1) * n];
+            let cr = &mut *cr;
             vectorized! {
                 for (c, &b) in cr.iter_mut().zip(bj) {
                     *c += x * b;

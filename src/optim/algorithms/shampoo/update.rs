@@ -122,12 +122,6 @@ impl Shampoo {
                         _ => a = s,
                     }
                 }
-                let (mut v, mut m, mut gb_out, mut a) = (
-                    v.as_deref_mut(),
-                    m.as_deref_mut(),
-                    gb_out.as_deref_mut(),
-                    a.as_deref_mut(),
-                );
                 vectorized! {
                     for k in 0..n {
                         let gk = g[k];
