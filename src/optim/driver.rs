@@ -598,7 +598,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     use super::*;
 
