@@ -9,7 +9,7 @@ missing, builds the optlab side and passes its paths here:
         [--rows adamw,soap,...] [--no-train] [--soap-py DIR] [--distributed-shampoo DIR]
         [--out results/bench/vs-torch.md]
 
-Step rows time `optimizer.step()` on the step benchmarks' GPT-like set (benches/common: 3.9 M
+Step rows time `optimizer.step()` on the step benchmarks' GPT-like set (benches/common: 3.4 M
 parameters in 26 tensors) with fixed gradients. Each side runs `--repeats` blocks of `--steps`
 consecutive steps after warm-up steps and keeps the fastest block's mean, so that noise from
 other processes on a shared machine inflates neither side more than the other. Training rows
@@ -371,7 +371,7 @@ def main():
         f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
         f"; optlab commit {commit()}; torch {torch.__version__}; Python "
         f"{platform.python_version()}.",
-        "- Step rows: f32, the GPT-like set of `benches/common` (3.9 M parameters), fixed "
+        "- Step rows: f32, the GPT-like set of `benches/common` (3.4 M parameters), fixed "
         f"gradients; fastest of {args.repeats} blocks of consecutive steps per side (30 for "
         "SOAP and Shampoo, which refresh every 10). Ratio = optlab time / PyTorch time (lower "
         "is better).",

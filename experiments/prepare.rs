@@ -1,7 +1,9 @@
 //! Tokenizes text into nanoGPT-style shards:
 //! `prepare --out DIR [--tokenizer byte|gpt2] [--val-fraction F] (FILE|DIR... | --builtin brown)`.
 //!
-//! Every input file is one document (directories are read recursively, in name order). Writes
+//! Every input file is one document (directories are read recursively, in name order). Symbolic
+//! links are followed, but each directory is read once: a link back to a directory already read
+//! (a cycle such as `dir/loop -> ..`, or a second path to the same directory) is skipped. Writes
 //! `DIR/train.bin` and `DIR/val.bin` (little-endian u16 token ids) and `DIR/meta.json`, each
 //! atomically; point a run's `data.dir` at `DIR`.
 
@@ -41,15 +43,26 @@ struct Args {
     inputs: Vec<PathBuf>,
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Appends the files under `path` (recursively, in name order) to `out`. `seen` holds the
+/// canonical paths of the directories already read, so a symbolic link cycle or a directory
+/// reached twice is read once.
+fn collect_files(
+    path: &Path,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
     if path.is_dir() {
+        let canonical = std::fs::canonicalize(path).map_err(|e| Error::file(path, e))?;
+        if !seen.insert(canonical) {
+            return Ok(());
+        }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| Error::file(path, e))?
             .map(|e| e.map(|e| e.path()).map_err(|e| Error::file(path, e)))
             .collect::<Result<_>>()?;
         entries.sort();
         for entry in entries {
-            collect_files(&entry, out)?;
+            collect_files(&entry, seen, out)?;
         }
     } else if path.is_file() {
         out.push(path.to_path_buf());
@@ -75,9 +88,9 @@ fn run(args: &Args) -> Result<()> {
             (docs, vec![format!("embedded:{name}")])
         }
         None => {
-            let mut files = Vec::new();
+            let (mut files, mut seen) = (Vec::new(), Default::default());
             for p in &args.inputs {
-                collect_files(p, &mut files)?;
+                collect_files(p, &mut seen, &mut files)?;
             }
             let docs = files
                 .iter()

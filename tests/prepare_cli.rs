@@ -89,3 +89,29 @@ fn bad_input_fails_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("val_fraction"));
     assert!(!dir.path().join("train.bin").exists());
 }
+
+/// A symbolic link back to an enclosing directory is a cycle: the walk reads each directory
+/// once instead of recursing until the stack overflows.
+#[cfg(unix)]
+#[test]
+fn a_symlink_cycle_is_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let sub = corpus.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(corpus.join("a.txt"), "abc ".repeat(40)).unwrap();
+    std::fs::write(sub.join("b.txt"), "xyz ".repeat(40)).unwrap();
+    std::os::unix::fs::symlink(&corpus, sub.join("back")).unwrap();
+    std::os::unix::fs::symlink(".", corpus.join("self")).unwrap();
+    let out = dir.path().join("shards");
+    let output = prepare()
+        .arg("--out")
+        .arg(&out)
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let data = Dataset::from_shards(&out).unwrap();
+    // Two documents of 160 bytes each and the blank line between them.
+    assert_eq!(data.train().len() + data.val().len(), 160 + 2 + 160);
+}

@@ -1,5 +1,5 @@
 //! The parameter set the step benchmarks time: GPT-like shapes (an embedding and a head of
-//! 512×256; six blocks of a 1024×256 and a 256×1024 matrix, a 1024 bias and a 256 norm), 3.9 M
+//! 512×256; six blocks of a 1024×256 and a 256×1024 matrix, a 1024 bias and a 256 norm), 3.4 M
 //! f32 parameters, with fixed N(0, 1e-3) gradients. `benches/vs_torch.py` builds the same set
 //! in PyTorch.
 

@@ -172,4 +172,28 @@ impl OptimConfig {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+    /// Whether this optimizer's update of one parameter can fail on input that passed the
+    /// driver's checks (shape, dtype, finite gradient), after having changed something: a matrix
+    /// root, eigenbasis or orthogonalization that does not converge or comes out non-finite.
+    /// The driver saves a copy of such parameters and their states before a step and puts it
+    /// back when the step fails. The purely elementwise rules (one fused pass over the
+    /// parameter, its gradient and its moments) fail only on a device fault; `false` for them
+    /// keeps their step free of that copy.
+    pub fn update_may_fail(&self) -> bool {
+        !matches!(
+            self,
+            OptimConfig::Adamw(_)
+                | OptimConfig::CautiousAdamw(_)
+                | OptimConfig::Adopt(_)
+                | OptimConfig::SchedulefreeAdamw(_)
+                | OptimConfig::SchedulefreeSgd(_)
+                | OptimConfig::Mars(_)
+                | OptimConfig::Sgd(_)
+                | OptimConfig::Signum(_)
+                | OptimConfig::Lion(_)
+                | OptimConfig::Sophia(_)
+                | OptimConfig::Ademamix(_)
+                | OptimConfig::SimplifiedAdemamix(_)
+        )
+    }
 }

@@ -248,7 +248,54 @@ impl Driver {
             self.skipped += 1;
             return Ok(());
         };
-        self.step += 1;
+        let step = self.step + 1;
+        // A step is all or nothing: on an error, every parameter, every state and the step
+        // counter stay as they were. Group states (small) are always saved; a parameter and its
+        // state only where its rule can fail part-way through a step (a numerical failure such
+        // as Shampoo's matrix root, see `OptimConfig::update_may_fail`). The elementwise rules
+        // fail only on bad input, which `collect` has ruled out, so they are not copied.
+        let saved_groups = self
+            .groups
+            .iter()
+            .map(|g| g.state.deep_clone())
+            .collect::<Result<Vec<_>>>()?;
+        let saved_slots = self
+            .slots
+            .iter()
+            .zip(&grads)
+            .map(|(slot, grad)| {
+                if grad.is_none() || !self.groups[slot.group].config.update_may_fail() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    slot.var.as_tensor().copy()?,
+                    slot.state.deep_clone()?,
+                )))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match self.update_all(step, grads) {
+            Ok(()) => {
+                self.step = step;
+                Ok(())
+            }
+            Err(e) => {
+                for (g, saved) in self.groups.iter_mut().zip(saved_groups) {
+                    g.state = saved;
+                }
+                for (slot, saved) in self.slots.iter_mut().zip(saved_slots) {
+                    if let Some((param, state)) = saved {
+                        slot.var.set(&param)?;
+                        slot.state = state;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The group preparations and parameter updates of step number `step`; on an error, some
+    /// of them may have been made.
+    fn update_all(&mut self, step: u64, grads: Vec<Option<Tensor>>) -> Result<()> {
         for g in &mut self.groups {
             let lr = g.base_lr * self.lr_factor;
             g.rule.begin_step(lr, &mut g.state)?;
@@ -260,7 +307,7 @@ impl Driver {
                 .collect();
             g.rule.begin_step_grads(&members, &mut g.state)?;
         }
-        let (groups, lr_factor, step) = (&self.groups, self.lr_factor, self.step);
+        let (groups, lr_factor) = (&self.groups, self.lr_factor);
         let update = |(slot, grad): (&mut Slot, Option<Tensor>)| -> Result<()> {
             let Some(grad) = grad else { return Ok(()) };
             let group = &groups[slot.group];
@@ -575,5 +622,152 @@ impl Optimizer for Driver {
         self.mode = mode;
         self.skipped = skipped;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The wrapped rule, except that once armed it fails on the parameter `fail_on` after its
+    /// update has changed the parameter and its state: a numerical failure found late, as when
+    /// Shampoo's root of the last parameter comes out non-finite.
+    struct FailsLate {
+        inner: Box<dyn Rule>,
+        fail_on: String,
+        armed: Arc<AtomicBool>,
+    }
+
+    impl Rule for FailsLate {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn begin_step(&self, lr: f64, group: &mut State) -> Result<()> {
+            self.inner.begin_step(lr, group)
+        }
+        fn update(
+            &self,
+            ctx: &StepCtx<'_>,
+            meta: &ParamMeta,
+            param: &Var,
+            grad: &Tensor,
+            state: &mut State,
+        ) -> Result<()> {
+            self.inner.update(ctx, meta, param, grad, state)?;
+            if meta.name == self.fail_on && self.armed.load(Ordering::Relaxed) {
+                return Err(Error::Msg("injected failure".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn params() -> NamedParams {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], seed: f64| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f64 + seed).sin()) as f32).collect();
+            Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+        };
+        NamedParams::new(vec![
+            ("a.weight".to_string(), var(&[6, 4], 0.3)),
+            ("b.bias".to_string(), var(&[4], 1.7)),
+            ("z.weight".to_string(), var(&[4, 5], 2.9)),
+        ])
+        .unwrap()
+    }
+
+    fn grads(opt: &Driver, k: usize) -> BTreeMap<String, Tensor> {
+        opt.vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7 + k * 13) as f64).cos() as f32 * 0.1)
+                    .collect();
+                (name, Tensor::from_vec(g, v.dims(), &Device::Cpu).unwrap())
+            })
+            .collect()
+    }
+
+    fn snapshot(opt: &Driver) -> (Vec<Vec<f32>>, Vec<u8>, u64) {
+        let params = opt
+            .vars()
+            .iter()
+            .map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        let state = opt.state_dict().unwrap().to_bytes().unwrap();
+        (params, state, opt.step_count())
+    }
+
+    /// A step whose last parameter fails changes nothing, on one thread and on several; the
+    /// next step then gives the same bits as on an optimizer that never failed.
+    fn a_failed_step_changes_nothing(config: &str, threads: usize) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let cfg = OptimConfig::from_toml(config).unwrap();
+            let mut opt = Driver::new(cfg.clone(), params()).unwrap();
+            assert_eq!(opt.parallel_updates(), threads > 1);
+            let mut twin = Driver::new(cfg, params()).unwrap();
+            let armed = Arc::new(AtomicBool::new(false));
+            let inner = opt.groups[0].config.build_rule().unwrap();
+            opt.groups[0].rule = Box::new(FailsLate {
+                inner,
+                fail_on: "z.weight".into(),
+                armed: armed.clone(),
+            });
+            for k in 0..3 {
+                opt.step_named(&grads(&opt, k)).unwrap();
+                twin.step_named(&grads(&twin, k)).unwrap();
+            }
+            let before = snapshot(&opt);
+            let same = snapshot(&twin);
+            assert_eq!(before.0, same.0, "the wrapped rule moved differently");
+            assert!(before.1 == same.1, "the wrapped rule kept another state");
+            armed.store(true, Ordering::Relaxed);
+            let err = opt.step_named(&grads(&opt, 3)).unwrap_err();
+            assert!(err.to_string().contains("injected"), "{err}");
+            let after = snapshot(&opt);
+            assert_eq!(after.2, before.2, "step counter moved");
+            assert_eq!(after.0, before.0, "parameters moved");
+            assert!(after.1 == before.1, "state changed");
+            armed.store(false, Ordering::Relaxed);
+            opt.step_named(&grads(&opt, 3)).unwrap();
+            twin.step_named(&grads(&twin, 3)).unwrap();
+            let (after, same) = (snapshot(&opt), snapshot(&twin));
+            assert_eq!((after.0, after.2), (same.0, same.2));
+            assert!(
+                after.1 == same.1,
+                "state differs from an optimizer that never failed"
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_shampoo_step_changes_nothing_serial() {
+        a_failed_step_changes_nothing("name = \"shampoo\"", 1);
+    }
+
+    #[test]
+    fn a_failed_shampoo_step_changes_nothing_parallel() {
+        a_failed_step_changes_nothing("name = \"shampoo\"", 2);
+    }
+
+    #[test]
+    fn a_failed_soap_step_changes_nothing() {
+        a_failed_step_changes_nothing("name = \"soap\"", 2);
     }
 }

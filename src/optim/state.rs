@@ -158,8 +158,43 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
+/// The same safetensors bytes with the header's keys in sorted order: `safetensors` writes the
+/// metadata in hash-map order, which differs from one call to the next, so that the same state
+/// would give different files. Returns the bytes unchanged if the header does not parse or
+/// would not fit its space.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8usize.saturating_add(n)) else {
+        return bytes;
+    };
+    let Ok(mut top) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return bytes;
+    };
+    if let Some(meta) = top.get_mut("__metadata__") {
+        match serde_json::from_value::<BTreeMap<String, String>>(meta.take())
+            .and_then(serde_json::to_value)
+        {
+            Ok(sorted) => *meta = sorted,
+            Err(_) => return bytes,
+        }
+    }
+    match serde_json::to_string(&top) {
+        Ok(text) if text.len() <= n => {
+            bytes[8..8 + text.len()].copy_from_slice(text.as_bytes());
+            bytes[8 + text.len()..8 + n].fill(b' ');
+            bytes
+        }
+        _ => bytes,
+    }
+}
+
 impl StateDict {
-    /// Serializes to safetensors bytes.
+    /// Serializes to safetensors bytes (the same state always gives the same bytes).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut owned: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut scalar_keys = Vec::new();
@@ -205,7 +240,9 @@ impl StateDict {
                     .map_err(|e| Error::State(format!("{n}: {e}")))
             })
             .collect::<Result<_>>()?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| Error::State(e.to_string()))
+        let bytes =
+            safetensors::serialize(views, Some(meta)).map_err(|e| Error::State(e.to_string()))?;
+        Ok(sorted_header(bytes))
     }
 
     /// Parses safetensors bytes; tensors land on `device`.
@@ -337,4 +374,40 @@ fn view_to_tensor(name: &str, view: &TensorView<'_>, device: &Device) -> Result<
         }
     };
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same state gives the same bytes every time (the metadata once came out in hash-map
+    /// order, different from one call to the next).
+    #[test]
+    fn the_same_state_gives_the_same_bytes() {
+        let mut st = State::default();
+        st.set_scalar("step", 3.0);
+        st.tensors.insert(
+            "exp_avg".into(),
+            Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap(),
+        );
+        let mut entries = BTreeMap::new();
+        entries.insert("w".to_string(), st);
+        let mut extra = BTreeMap::new();
+        for k in ["a", "b", "c", "d"] {
+            extra.insert(k.to_string(), k.repeat(3));
+        }
+        let sd = StateDict {
+            optimizer: "adamw".into(),
+            config: "{}".into(),
+            step: 3,
+            entries,
+            extra,
+        };
+        let first = sd.to_bytes().unwrap();
+        for _ in 0..20 {
+            assert!(sd.to_bytes().unwrap() == first);
+        }
+        let back = StateDict::from_bytes(&first, &Device::Cpu).unwrap();
+        assert_eq!((back.step, back.extra), (3, sd.extra.clone()));
+    }
 }

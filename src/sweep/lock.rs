@@ -13,10 +13,20 @@
 //! no longer runs or runs another process (different start time); on another host, or when
 //! the process table cannot be read, its heartbeat is older than `stale_after`. Breaking a stale
 //! lock creates generation `g + 1` exclusively: of two workers that find the same stale
-//! lock, only one creates the next name, and nobody deletes a lock another worker may hold. The
-//! files of a run's lock are removed when its holder releases it. A lock file that does not
-//! parse (its owner died between creating and writing it) counts as stale once its
-//! modification time is older than a grace period.
+//! lock, only one creates the next name, and nobody deletes a lock another worker may hold. A
+//! lock file that does not parse (its owner died between creating and writing it) counts as
+//! stale once its modification time is older than a grace period.
+//!
+//! **Release.** A holder of generation 0 (the usual case: no crash before it) removes its file.
+//! A holder of a higher generation replaces its file, in one atomic rename, by the same record
+//! marked `released`, which counts as stale at once; the next worker takes the generation above
+//! it. Generations below a holder are never removed: removing one while another worker is
+//! between probing the names and creating the next one could leave a missing generation under a
+//! held lock, where a third worker would take a lock of its own (two holders of one run). So
+//! every name only ever goes from absent to a live record to a stale one (or, for generation 0
+//! alone, back to absent while its own holder still runs), and a worker creates generation
+//! `g + 1` only after finding generation `g` stale, which stays so. The cost: after a crash,
+//! a run keeps one small file per later acquisition.
 //!
 //! A worker that acquired a lock must check again whether the run finished (a holder may have
 //! finished and released it in between).
@@ -50,6 +60,9 @@ pub struct LockInfo {
     pub nonce: u64,
     /// Seconds since the Unix epoch when the lock was taken.
     pub created: u64,
+    /// Whether the owner released the lock (the record then counts as stale).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl LockInfo {
@@ -65,6 +78,7 @@ impl LockInfo {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            released: false,
         }
     }
 }
@@ -151,6 +165,9 @@ fn judge(path: &Path, stale_after: Duration) -> Found {
             Found::Unreadable
         };
     };
+    if info.released {
+        return Found::Stale;
+    }
     if info.host == host_name() && Path::new("/proc/self/stat").exists() {
         // Same host with a process table: exact answer.
         return match process_start(info.pid) {
@@ -302,19 +319,35 @@ impl RunLock {
         if let Some(h) = self.heartbeat.take() {
             let _ = h.join();
         }
-        // Highest generation first, so a prober never sees a lower stale generation as the top
-        // while ours still exists.
-        let mut g = 0u64;
-        while generation_path(&self.base, g).exists() {
-            g += 1;
+        // Leave the files alone if they stopped being ours (see `lost`).
+        let mine = serde_json::to_string(&self.info).map_err(|e| Error::file(&self.path, e))?;
+        match std::fs::read_to_string(&self.path) {
+            Ok(s) if s == mine => {}
+            _ => return Ok(()),
         }
-        for i in (0..g).rev() {
-            let p = generation_path(&self.base, i);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::file(&p, e)),
-            }
+        if self.path == generation_path(&self.base, 0) && !generation_path(&self.base, 1).exists() {
+            // Nothing below to expose: the name goes back to absent.
+            return match std::fs::remove_file(&self.path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::file(&self.path, e)),
+            };
+        }
+        // Mark it released in place, atomically: the name never goes missing.
+        let released = LockInfo {
+            released: true,
+            ..self.info.clone()
+        };
+        let text = serde_json::to_string(&released).map_err(|e| Error::file(&self.path, e))?;
+        let mut tmp = self.path.as_os_str().to_os_string();
+        tmp.push(format!(".rel.{}.{:x}", self.info.pid, self.info.nonce));
+        let tmp = PathBuf::from(tmp);
+        let written = std::fs::write(&tmp, &text)
+            .and_then(|_| File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::file(&self.path, e));
         }
         Ok(())
     }
@@ -368,8 +401,60 @@ mod tests {
             Err(Held::By(_))
         ));
         a.release().unwrap();
-        assert!(!generation_path(&base, 0).exists());
-        assert!(!generation_path(&base, 1).exists());
+        // Generation 1 stays, marked released; the next worker takes generation 2.
+        let left: LockInfo =
+            serde_json::from_str(&std::fs::read_to_string(generation_path(&base, 1)).unwrap())
+                .unwrap();
+        assert!(left.released);
+        let b = RunLock::acquire(&base, LONG).unwrap().unwrap();
+        assert_eq!(b.path(), generation_path(&base, 2));
+    }
+
+    /// After a release over a stale generation, every generation below the next holder exists,
+    /// so a third worker finds the next holder's lock rather than a free name under it.
+    #[test]
+    fn a_release_over_a_stale_generation_leaves_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("run.lock");
+        let dead = LockInfo {
+            pid: 4_000_000_000,
+            ..LockInfo::current()
+        };
+        std::fs::write(
+            generation_path(&base, 0),
+            serde_json::to_string(&dead).unwrap(),
+        )
+        .unwrap();
+        let a = RunLock::acquire(&base, LONG).unwrap().unwrap();
+        assert_eq!(a.path(), generation_path(&base, 1));
+        a.release().unwrap();
+        let b = RunLock::acquire(&base, LONG).unwrap().unwrap();
+        // Whatever generation B got, every generation below it exists, so C sees B's lock.
+        let mut g = 0;
+        while generation_path(&base, g) != b.path() {
+            assert!(generation_path(&base, g).exists(), "generation {g} missing");
+            g += 1;
+        }
+        assert!(matches!(
+            RunLock::acquire(&base, LONG).unwrap(),
+            Err(Held::By(info)) if info == *b.info()
+        ));
+    }
+
+    #[test]
+    fn a_lost_lock_is_not_touched_on_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("run.lock");
+        let a = RunLock::acquire(&base, LONG).unwrap().unwrap();
+        let other = LockInfo {
+            nonce: a.info().nonce ^ 1,
+            ..a.info().clone()
+        };
+        let text = serde_json::to_string(&other).unwrap();
+        std::fs::write(a.path(), &text).unwrap();
+        let p = a.path().to_path_buf();
+        a.release().unwrap();
+        assert_eq!(std::fs::read_to_string(p).unwrap(), text);
     }
 
     #[test]
