@@ -201,6 +201,16 @@ pub fn all_finite_each(ts: &[&Tensor]) -> Result<Vec<bool>> {
             return crate::cuda::all_finite_each(ts);
         }
     }
+    #[cfg(optlab_emulate_kernels)]
+    let serial = crate::launch::emulate::active(); // its switch is per thread
+    #[cfg(not(optlab_emulate_kernels))]
+    let serial = false;
+    let on_cpu = ts.iter().all(|t| t.device().is_cpu());
+    if !serial && on_cpu && ts.len() > 1 && rayon::current_num_threads() > 1 {
+        // One read pass over every gradient: spread over the worker threads like the updates.
+        use rayon::prelude::*;
+        return ts.par_iter().map(|t| all_finite(t)).collect();
+    }
     ts.iter().map(|t| all_finite(t)).collect()
 }
 
