@@ -139,9 +139,10 @@ pub use crate::vectorized;
 /// loop over `0..n` that follows then indexes without bounds checks (and vectorizes).
 #[inline(always)]
 pub fn exactly<'s, T>(s: &'s [T], n: usize, what: &str) -> Result<&'s [T]> {
-    s.get(..n)
-        .filter(|_| s.len() == n)
-        .ok_or_else(|| length_error(what, s.len(), n))
+    if s.len() != n {
+        return Err(length_error(what, s.len(), n));
+    }
+    Ok(s)
 }
 
 /// [`exactly`] for a mutable slice.
