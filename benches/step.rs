@@ -32,6 +32,26 @@ fn bench_steps(c: &mut Criterion) {
         )
         .unwrap(),
     ));
+    // The preconditioner variants as DistributedShampoo's README suggests starting them:
+    // eigenvalue-corrected (its SOAP, QR refresh) without grafting, KL with Adam grafting.
+    for (label, extra) in [
+        (
+            "shampoo_eigenvalue_corrected_freq10",
+            "preconditioner = \"eigenvalue_corrected\"\namortized_computation_config = { type = \"qr\" }",
+        ),
+        (
+            "shampoo_kl_freq10_adam_graft",
+            "preconditioner = \"root_inv_kl\"\ngrafting_config = { type = \"adam\", beta2 = 0.95, epsilon = 1e-8 }",
+        ),
+    ] {
+        configs.push((
+            label.into(),
+            OptimConfig::from_toml(&format!(
+                "name = \"shampoo\"\nbetas = [0.9, 0.95]\nepsilon = 1e-8\nprecondition_frequency = 10\n{extra}"
+            ))
+            .unwrap(),
+        ));
+    }
     for (name, config) in configs {
         let vars = param_set();
         let grads = grads_for(&vars);

@@ -53,6 +53,9 @@ __device__ __forceinline__ T lerp(T a, T b, T w) {
 // f32::max / f64::max: a NaN operand yields the other operand (as fmax).
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+// f32::min / f64::min: a NaN operand yields the other operand (as fmin).
+__device__ __forceinline__ float min_of(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double min_of(double a, double b) { return fmin(a, b); }
 
 // ---------------------------------------------------------------------------------------------
 // AdamW (src/optim/algorithms/adamw.rs, AdamStep). out: p, m, v [, vmax]; in: g.
@@ -131,6 +134,80 @@ __device__ void ademamix(const Args<T>& a) {
         const T pk = p[k];
         const T update = (fast / bc1 + alpha * m2k) / denom + wd * pk;
         p[k] = pk + neg_lr * update;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ADOPT (src/optim/algorithms/adopt.rs, Adopt::update_typed). out: p, m, v; in: g.
+// adopt_init (the first call only sets v): s: sign, l2
+// adopt:  s: sign, l2, neg_decay, eps, clip, w1, b2, c2, neg_lr  (clip = +inf without clipping)
+template <typename T>
+__device__ void adopt_init(const Args<T>& a) {
+    const T* p = a.out[0];
+    T* v = a.out[2];
+    const T* g = a.in[0];
+    const T sign = a.s[0], l2 = a.s[1];
+    GRID_STRIDE(k, a.n) {
+        const T gk = sign * g[k] + l2 * p[k];
+        v[k] = v[k] + gk * gk;
+    }
+}
+
+template <typename T>
+__device__ void adopt(const Args<T>& a) {
+    T* p = a.out[0];
+    T* m = a.out[1];
+    T* v = a.out[2];
+    const T* g = a.in[0];
+    const T sign = a.s[0], l2 = a.s[1], neg_decay = a.s[2], eps = a.s[3], clip = a.s[4];
+    const T w1 = a.s[5], b2 = a.s[6], c2 = a.s[7], neg_lr = a.s[8];
+    GRID_STRIDE(k, a.n) {
+        T pk = p[k];
+        const T gk = sign * g[k] + l2 * pk;
+        pk = pk + neg_decay * pk;
+        const T vk = v[k];
+        T n = gk / max_of(root(vk), eps);
+        n = min_of(max_of(n, -clip), clip);
+        const T mk = lerp(m[k], n, w1);
+        m[k] = mk;
+        p[k] = pk + neg_lr * mk;
+        v[k] = vk * b2 + c2 * (gk * gk);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cautious AdamW (src/optim/algorithms/cautious_adamw.rs, CautiousAdamW::update_by_kernels): two
+// launches with the mask counted between them.
+// cautious_moments: out: m, v, mask; in: g. s: w1, w2
+// cautious_update:  out: p, m, v (m, v read only); in: g. s: decay, bc2_sqrt, eps, step_size, kept
+template <typename T>
+__device__ void cautious_moments(const Args<T>& a) {
+    T* m = a.out[0];
+    T* v = a.out[1];
+    T* mask = a.out[2];
+    const T* g = a.in[0];
+    const T w1 = a.s[0], w2 = a.s[1];
+    GRID_STRIDE(k, a.n) {
+        const T gk = g[k];
+        const T mk = lerp(m[k], gk, w1);
+        m[k] = mk;
+        v[k] = lerp(v[k], gk * gk, w2);
+        mask[k] = mk * gk > T(0) ? T(1) : T(0);
+    }
+}
+
+template <typename T>
+__device__ void cautious_update(const Args<T>& a) {
+    T* p = a.out[0];
+    const T* m = a.out[1];
+    const T* v = a.out[2];
+    const T* g = a.in[0];
+    const T decay = a.s[0], bc2_sqrt = a.s[1], eps = a.s[2], step_size = a.s[3], kept = a.s[4];
+    GRID_STRIDE(k, a.n) {
+        const T mk = m[k];
+        const T masked = mk * g[k] > T(0) ? mk : T(0);
+        const T d = root(v[k]) / bc2_sqrt + eps;
+        p[k] = p[k] * decay - ((masked / d) * step_size) / kept;
     }
 }
 
@@ -472,8 +549,6 @@ __device__ void sgd_momentum(const Args<T>& a) {
 // ---------------------------------------------------------------------------------------------
 // SophiaG (src/optim/algorithms/sophia.rs). Update: out: p, m; in: g, h.
 // s: decay, neg_lr, b1, c1, scale (ρ·bs), floor, sgn (−1 when maximizing)
-__device__ __forceinline__ float min_of(float a, float b) { return fminf(a, b); }
-__device__ __forceinline__ double min_of(double a, double b) { return fmin(a, b); }
 
 template <typename T>
 __device__ void sophia(const Args<T>& a) {
@@ -729,6 +804,10 @@ ENTRY(sign_momentum, sign_momentum)
 ENTRY2(ademamix, ademamix, true)
 ENTRY2(ademamix_no_m1, ademamix, false)
 ENTRY(simplified_ademamix, simplified_ademamix)
+ENTRY(adopt_init, adopt_init)
+ENTRY(adopt, adopt)
+ENTRY(cautious_moments, cautious_moments)
+ENTRY(cautious_update, cautious_update)
 ENTRY_SYNC(adalayer_sumsq, adalayer_sumsq)
 ENTRY_SYNC(adalayer_v, adalayer_v)
 ENTRY(adalayer_update, adalayer_update)

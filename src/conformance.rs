@@ -87,6 +87,20 @@ pub struct GoldenCase {
     pub dtype: Option<String>,
 }
 
+/// The element count of a parameter's shape; a shape whose product overflows is an error (it
+/// cannot match any list of values).
+fn numel(p: &GoldenParam) -> std::result::Result<usize, String> {
+    p.shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            format!(
+                "param_meta: `{}` has shape {:?}, too large",
+                p.name, p.shape
+            )
+        })
+}
+
 /// How an `extra` key is laid out: its first dim is always the step count.
 #[derive(Clone, Copy)]
 enum ExtraLayout {
@@ -148,7 +162,7 @@ impl GoldenCase {
                 ));
             }
             for (v, p) in values.iter().zip(&self.param_meta) {
-                let numel = p.shape.iter().product::<usize>();
+                let numel = numel(p)?;
                 if v.len() != numel {
                     return Err(format!(
                         "{field}: `{}` has {} values, its shape {:?} has {numel}",
@@ -236,7 +250,7 @@ impl GoldenCase {
                         ));
                     }
                     for (v, p) in values.iter().zip(&self.param_meta) {
-                        let numel = p.shape.iter().product::<usize>();
+                        let numel = numel(p)?;
                         if v.len() != numel {
                             return Err(format!(
                                 "{field}: `{}` has {} values, its shape {:?} has {numel}",
@@ -601,31 +615,43 @@ fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
     }
     if let Some(v) = h.remove("preconditioner_config") {
         let (ty, mut p) = typed_object("preconditioner_config", v)?;
-        if ty != "RootInvShampooPreconditionerConfig" {
+        let known = [
+            "RootInvShampooPreconditionerConfig",
+            "EigendecomposedShampooPreconditionerConfig",
+            "EigenvalueCorrectedShampooPreconditionerConfig",
+            "RootInvKLShampooPreconditionerConfig",
+            "EigendecomposedKLShampooPreconditionerConfig",
+        ];
+        if !known.contains(&ty.as_str()) {
             return Err(Error::Msg(format!(
-                "shampoo: preconditioner_config `{ty}` is not supported (only RootInvShampooPreconditionerConfig)"
+                "shampoo: preconditioner_config `{ty}` is not supported (one of {})",
+                known.join(", ")
             )));
         }
+        h.insert("preconditioner".into(), ty.into());
         // Packing the symmetric factors is a lossless storage format: either value is exact.
         p.remove("use_symmetric_packing");
         if let Some(v) = p.remove("amortized_computation_config") {
             let (ty, mut a) = typed_object("amortized_computation_config", v)?;
             let what = "preconditioner_config.amortized_computation_config";
             let mapped = match ty.as_str() {
-                "EigenConfig" => {
-                    neutral(&mut a, what, "retry_double_precision", Value::Bool(true))?;
-                    neutral(&mut a, what, "eigendecomposition_offload_device", "".into())?;
-                    neutral(&mut a, what, "tolerance", serde_json::json!(0.0))?;
-                    let stability = match a.remove("rank_deficient_stability_config") {
+                "EigenConfig" | "EighEigendecompositionConfig" | "QREigendecompositionConfig" => {
+                    let qr = ty == "QREigendecompositionConfig";
+                    if !qr {
+                        neutral(&mut a, what, "retry_double_precision", Value::Bool(true))?;
+                        neutral(&mut a, what, "eigendecomposition_offload_device", "".into())?;
+                    }
+                    let tolerance = a.remove("tolerance").unwrap_or(serde_json::json!(0.0));
+                    let mut mapped = match a.remove("rank_deficient_stability_config") {
                         None => serde_json::json!({ "type": "eigen" }),
                         Some(s) => {
                             let (sty, mut s) = typed_object("rank_deficient_stability_config", s)?;
                             let mapped = match sty.as_str() {
                                 "PerturbationConfig" => "eigen",
-                                "PseudoInverseConfig" => "pseudo_inverse",
+                                "PseudoInverseConfig" if !qr => "pseudo_inverse",
                                 other => {
                                     return Err(Error::Msg(format!(
-                                        "shampoo: rank_deficient_stability_config `{other}` is not supported"
+                                        "shampoo: rank_deficient_stability_config `{other}` is not supported with {ty}"
                                     )))
                                 }
                             };
@@ -633,8 +659,22 @@ fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
                             Value::Object(s)
                         }
                     };
+                    let m = mapped.as_object_mut().expect("an object");
+                    if qr {
+                        m.insert("type".into(), "qr".into());
+                        if let Some(i) = a.remove("max_iterations") {
+                            m.insert("max_iterations".into(), i);
+                        }
+                        m.insert("tolerance".into(), tolerance);
+                    } else if m["type"] == "eigen" {
+                        m.insert("tolerance".into(), tolerance);
+                    } else if tolerance.as_f64() != Some(0.0) {
+                        return Err(Error::Msg(format!(
+                            "shampoo: {what}.tolerance = {tolerance} is not supported with the pseudo-inverse"
+                        )));
+                    }
                     no_leftovers(&a, what)?;
-                    stability
+                    mapped
                 }
                 "CoupledNewtonConfig" => {
                     a.insert("type".into(), "coupled_newton".into());
@@ -648,7 +688,13 @@ fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
             };
             h.insert("amortized_computation_config".into(), mapped);
         }
-        for key in ["factor_matrix_dtype", "inv_factor_matrix_dtype"] {
+        for key in [
+            "factor_matrix_dtype",
+            "inv_factor_matrix_dtype",
+            "factor_matrix_eigenvectors_dtype",
+            "factor_matrix_eigenvalues_dtype",
+            "corrected_eigenvalues_dtype",
+        ] {
             if let Some(v) = p.remove(key) {
                 let name = v
                     .as_str()
@@ -667,6 +713,7 @@ fn map_shampoo(h: &mut Map<String, Value>) -> Result<()> {
         }
         for key in [
             "inverse_exponent_override",
+            "ignored_basis_change_dims",
             "num_tolerated_failed_amortized_computations",
             "use_trace_scaling",
             "trace_scaling_exponent",

@@ -69,6 +69,22 @@ pub fn flag<T: Float>(b: bool) -> T {
     }
 }
 
+/// Whether [`zip_mut_or_kernel`] launches its kernel for operands like `t`: `t` is on a CUDA
+/// device, or the kernels are being emulated on the host. Rules whose kernel path has another
+/// shape than their CPU loop (two launches with a reduction between) branch on it.
+pub fn kernels_run(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        return true;
+    }
+    #[cfg(optlab_emulate_kernels)]
+    if crate::launch::emulate::active() {
+        return true;
+    }
+    let _ = t;
+    false
+}
+
 /// [`zip_mut`] on the CPU; on a CUDA device (feature `cuda`) one launch of `kernel` over the
 /// same operands, which must then all have the same number of elements.
 pub fn zip_mut_or_kernel<T: Float>(

@@ -8,8 +8,12 @@
 //!
 //! Parallelism is chosen per call, never through faer's global setting: matrices below
 //! [`PARALLEL_MIN_DIM`] run sequentially (faer's threaded QR is several times *slower* at
-//! `d = 256` on two cores), larger ones on rayon's pool. Results are deterministic for a fixed
-//! thread count.
+//! `d = 256` on two cores), larger ones on rayon's pool. Results do not depend on the size of
+//! that pool: products and QR split their work by output blocks, whose sums do not depend on
+//! the thread count, but faer's symmetric eigendecomposition chooses its splits from the
+//! parallel degree it is given, and `Par::rayon(0)` reads the size of the pool it runs in (a
+//! Shampoo factor of 703 rows came out different on 1, 2 and 4 threads). The eigendecomposition
+//! therefore always gets the fixed degree [`EIGH_DEGREE`].
 //!
 //! Robustness policy ([`Robust`]): a symmetric eigendecomposition (and everything built on it)
 //! that fails to converge, panics or returns non-finite values is retried in f64 (f32 inputs);
@@ -46,6 +50,22 @@ pub const PARALLEL_MIN_DIM: usize = 512;
 pub fn par_for(d: usize) -> Par {
     if d >= PARALLEL_MIN_DIM {
         Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// The parallel degree of the symmetric eigendecomposition of a matrix of at least
+/// [`PARALLEL_MIN_DIM`] rows, whatever the pool: 1, the degree such runs had on one thread
+/// before it was fixed, so results of one-thread runs are unchanged (it costs the threaded
+/// speed-up of that decomposition; products and QR keep theirs).
+pub const EIGH_DEGREE: usize = 1;
+
+/// The parallelism of the eigendecomposition of a `d×d` matrix: sequential below
+/// [`PARALLEL_MIN_DIM`], else faer's parallel algorithm with the fixed degree [`EIGH_DEGREE`].
+pub fn eigh_par(d: usize) -> Par {
+    if d >= PARALLEL_MIN_DIM {
+        Par::rayon(EIGH_DEGREE)
     } else {
         Par::Seq
     }
@@ -303,7 +323,7 @@ pub fn eigh_slice<T: Scalar>(
     if n == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
-    let par = par_for(n);
+    let par = eigh_par(n);
     let mat = MatRef::from_row_major_slice(a, n, n);
     let mut u = Mat::<T>::zeros(n, n);
     let mut s = Diag::<T>::zeros(n);

@@ -149,6 +149,9 @@ pub struct LrSeries {
     pub label: String,
     /// `(lr, final_loss)` points; diverged runs may carry a non-finite loss (left out).
     pub points: Vec<(f64, f64)>,
+    /// Error bars `(lr, low, high)`, e.g. the range over seeds (empty: none); bars at an lr
+    /// without a finite point, or with a non-finite end, are left out.
+    pub bars: Vec<(f64, f64, f64)>,
 }
 
 /// Final loss against learning rate, each optimizer aligned at its best learning rate.
@@ -297,7 +300,7 @@ fn span(values: impl IntoIterator<Item = f64>, log: bool) -> Option<(f64, f64)> 
     if lo > hi {
         return None;
     }
-    Some(if log {
+    let padded = if log {
         let pad = ((hi / lo).ln() * 0.06).max(0.1).exp();
         (lo / pad, hi * pad)
     } else {
@@ -307,7 +310,10 @@ fn span(values: impl IntoIterator<Item = f64>, log: bool) -> Option<(f64, f64)> 
             lo.abs().max(1.0) * 0.05
         };
         (lo - pad, hi + pad)
-    })
+    };
+    // Values near the ends of f64 overflow the padding: then the range is the values' own.
+    let usable = padded.0.is_finite() && padded.1.is_finite() && (!log || padded.0 > 0.0);
+    Some(if usable { padded } else { (lo, hi) })
 }
 
 /// A number for a tick or a legend: 4 significant digits, trailing zeros dropped, scientific
@@ -337,6 +343,10 @@ fn tick(x: f64) -> String {
 /// Tick positions of a log axis: 1, 2, 5 × 10^k inside `[lo, hi]`, every integer mantissa when
 /// that gives fewer than 3, powers of ten only (and every n-th decade) over many decades.
 fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && lo.is_finite() && hi.is_finite()) {
+        return Vec::new();
+    }
+    // Finite positive bounds: both exponents lie within [-324, 309].
     let (k0, k1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
     let within = |mantissas: &[f64], every: i32| -> Vec<f64> {
         (k0..=k1)
@@ -838,8 +848,9 @@ impl Figure for StepsFigure<'_> {
 // ------------------------------------------------------------------------------------------------
 // (c) final loss vs lr / best lr
 
-/// A series aligned at its optimum: label, best lr, `(lr / best lr, loss)` points.
-type Aligned<'a> = (&'a str, f64, Vec<(f64, f64)>);
+/// A series aligned at its optimum: label, best lr, `(lr / best lr, loss)` points and
+/// `(lr / best lr, low, high)` bars.
+type Aligned<'a> = (&'a str, f64, Vec<(f64, f64)>, Vec<(f64, f64, f64)>);
 
 struct LrFigure<'a> {
     data: &'a LrSensitivityPlot,
@@ -864,8 +875,16 @@ impl Figure for LrFigure<'_> {
                     .collect();
                 let best = pts.iter().min_by(|a, b| a.1.total_cmp(&b.1))?.0;
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let bars = s
+                    .bars
+                    .iter()
+                    .filter(|&&(lr, lo, hi)| {
+                        lo.is_finite() && hi.is_finite() && pts.iter().any(|p| p.0 == lr)
+                    })
+                    .map(|&(lr, lo, hi)| (lr / best, lo, hi))
+                    .collect();
                 let rel = pts.into_iter().map(|(lr, l)| (lr / best, l)).collect();
-                Some((s.label.as_str(), best, rel))
+                Some((s.label.as_str(), best, rel, bars))
             })
             .collect();
         let all = || series.iter().flat_map(|s| s.2.iter());
@@ -873,6 +892,11 @@ impl Figure for LrFigure<'_> {
         let ys = span(
             all()
                 .map(|p| p.1)
+                .chain(
+                    series
+                        .iter()
+                        .flat_map(|s| s.3.iter().flat_map(|b| [b.1, b.2])),
+                )
                 .filter(|&l| d.max_loss.is_none_or(|m| l <= m))
                 .chain(d.max_loss),
             false,
@@ -898,10 +922,15 @@ impl Figure for LrFigure<'_> {
             "learning rate / best learning rate",
             "final loss",
             |chart| {
-                for (i, (label, best, pts)) in series.iter().enumerate() {
+                for (i, (label, best, pts, bars)) in series.iter().enumerate() {
                     let c = color(i);
                     for run in clip(pts, x, y) {
                         chart.draw_series(LineSeries::new(run, c.stroke_width(2)))?;
+                    }
+                    for &(bx, lo, hi) in bars {
+                        for run in clip(&[(bx, lo), (bx, hi)], x, y) {
+                            chart.draw_series(LineSeries::new(run, c.stroke_width(1)))?;
+                        }
                     }
                     chart
                         .draw_series(

@@ -164,6 +164,15 @@ fn lr_sensitivity() {
                 (lr, loss)
             })
             .collect(),
+        // Seed ranges: ±0.02 around every point (the diverged ones are left out by the plot).
+        bars: lrs
+            .iter()
+            .map(|&lr: &f64| {
+                let d = (lr / best).ln();
+                let loss = 3.2 + width * d * d;
+                (lr, loss - 0.02, loss + 0.02)
+            })
+            .collect(),
     })
     .collect();
     let data = LrSensitivityPlot {

@@ -340,6 +340,47 @@ fn resume_after_a_crash_skips_the_torn_checkpoint_and_drops_later_lines() {
     assert!(!torn.exists(), "the torn checkpoint is cleaned up");
 }
 
+/// A kill after the last checkpoint's manifest, before the previous checkpoint was removed and
+/// before the summary: resuming writes the summary and leaves exactly one checkpoint.
+#[test]
+fn resume_after_a_kill_behind_the_last_checkpoint_leaves_one_checkpoint() {
+    let text = config(
+        "name = \"adamw\"\nlr = 0.01",
+        "[train]\nbatch_size = 4\nsteps = 8\n[eval]\ninterval = 2\ntokens = 1024\n\
+         [ewa]\ntaus = [0.9]\n[checkpoint]\ninterval = 3",
+    );
+    let cfg = parse(&text);
+    let (a, b, saved) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    run_ok(&cfg, &opts(a.path()));
+    let mut first = opts(b.path());
+    first.stop_after = Some(6);
+    run_ok(&cfg, &first);
+    let step6 = checkpoint::checkpoints_dir(b.path()).join("step-0000000006");
+    let copy = saved.path().join("step-0000000006");
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(&step6).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    let mut rest = opts(b.path());
+    rest.resume = true;
+    run_ok(&cfg, &rest);
+    // Put back what the kill would have left: step 6's checkpoint, no summary.
+    std::fs::rename(&copy, &step6).unwrap();
+    std::fs::remove_file(b.path().join("summary.json")).unwrap();
+    run_ok(&cfg, &rest);
+    assert_same_run(a.path(), b.path());
+    let left: Vec<_> = std::fs::read_dir(checkpoint::checkpoints_dir(b.path()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec!["step-0000000008"]);
+}
+
 #[test]
 fn run_directory_files_parse() {
     let text = config(

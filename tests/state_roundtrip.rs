@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use optlab::optim::{Mode, OptimConfig, Optimizer};
+use optlab::optim::{Mode, Optimizer};
 
 fn roundtrip(name: &str, dtype: DType) {
     let (k, n) = (4u64, 5u64);
@@ -49,7 +49,7 @@ fn roundtrip(name: &str, dtype: DType) {
 
 #[test]
 fn save_load_continue_is_bit_exact_for_every_optimizer() {
-    for name in OptimConfig::NAMES {
+    for name in &labels() {
         for dtype in [DType::F64, DType::F32] {
             roundtrip(name, dtype);
         }
@@ -58,7 +58,7 @@ fn save_load_continue_is_bit_exact_for_every_optimizer() {
 
 #[test]
 fn eval_mode_is_saved_and_restored() {
-    for name in OptimConfig::NAMES {
+    for name in &labels() {
         let vars = model_params(DType::F64);
         let mut a = driver(name, &vars);
         for s in 1..=3 {

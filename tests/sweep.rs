@@ -3,6 +3,8 @@
 //! giving exactly the report of an uninterrupted sweep, concurrent workers never running the same
 //! run, the Slurm script's shards covering the sweep once, and clear errors for malformed files.
 
+mod mounts;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -183,6 +185,52 @@ fn reference() -> &'static Reference {
             _dir: dir,
         }
     })
+}
+
+/// `sweep report` into a full or read-only directory: a clear error naming the file and the
+/// cause (no panic); once space or write access is back the report is written in full.
+#[test]
+fn reports_into_a_full_or_read_only_directory_fail_clearly() {
+    const TEST: &str = "reports_into_a_full_or_read_only_directory_fail_clearly";
+    let r = reference();
+    let cwd = r._dir.path();
+    // Room for the first files of the report, not for its plots.
+    let Some(fs) = mounts::Tmpfs::mount(TEST, 64 << 10) else {
+        return;
+    };
+    let out_dir = fs.join("report");
+    let report = |out: &Path| {
+        sweep(
+            &[
+                "report",
+                "sweep.toml",
+                "--runs",
+                "runs",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            cwd,
+        )
+    };
+    let check = |out: &Output, cause: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("error: {}", out_dir.display())) && stderr.contains(cause),
+            "{stderr}"
+        );
+    };
+    check(&report(&out_dir), "No space left on device");
+    fs.resize(16 << 20);
+    ok(&report(&out_dir));
+    assert_eq!(report_json(&out_dir), r.report);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    fs.read_only(true);
+    check(&report(&out_dir), "Read-only file system");
+    fs.read_only(false);
+    ok(&report(&out_dir));
+    assert_eq!(report_json(&out_dir), r.report);
 }
 
 #[test]

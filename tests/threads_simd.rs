@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Var};
 use common::*;
-use optlab::optim::{OptimConfig, Optimizer};
+use optlab::optim::Optimizer;
 
 /// Parameters long enough for whole vectors plus a remainder, of every role.
 fn params(dtype: DType) -> Vec<(String, Var)> {
@@ -63,16 +63,9 @@ fn safetensors_bytes(path: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// Optimizers whose steps depend on the size of the rayon pool they run in, through a library
-/// call below the rules (not through the parallel parameter updates: the result is the same for
-/// every run at one pool size, and differs between 2 and 4 threads as much as between 1 and 2).
-/// Shampoo's 37×19 matrix shows it; its 19×19 one does not. Their instruction-set independence
-/// is still checked.
-const POOL_SIZE_DEPENDENT: &[&str] = &["shampoo"];
-
 #[test]
 fn steps_are_the_same_bits_on_any_thread_count_and_instruction_set() {
-    for name in OptimConfig::NAMES {
+    for name in &labels() {
         for dtype in [DType::F64, DType::F32] {
             let reference = run(name, dtype, 1, true);
             let simd = run(name, dtype, 1, false);
@@ -80,9 +73,6 @@ fn steps_are_the_same_bits_on_any_thread_count_and_instruction_set() {
                 reference, simd,
                 "{name} {dtype:?}: scalar and SIMD passes differ (1 thread)"
             );
-            if POOL_SIZE_DEPENDENT.contains(name) {
-                continue;
-            }
             let threaded = run(name, dtype, 4, false);
             assert_eq!(
                 reference.0, threaded.0,

@@ -10,10 +10,16 @@
 //!    linear scaling from the reference batch `B0`, and the asymptotic variant `b/(5a)`; across
 //!    groups, fit power laws `B* = c·N^e` and `B* = c·D^e`.
 //! 3. [`csv`]: the `group,batch_size,steps[,n_params,tokens]` table the `cbs` binary reads.
+//! 4. [`seeds`]: statistics over seeds — spread of a loss, the learning-rate range within a
+//!    tolerance of the best loss, percentile bootstrap intervals of fitted quantities.
 
 pub mod cbs;
 pub mod csv;
+pub mod seeds;
 pub mod target;
 
 pub use cbs::{analyze, fit_cbs, fit_power_law, CbsFit, CbsReport, CbsRow, GroupFit, PowerLaw};
+pub use seeds::{
+    bootstrap_interval, lr_range_within, seed_stats, BootstrapInterval, LrRange, SeedStats,
+};
 pub use target::{first_step_below, loss_reached, steps_to_target, Eval, Reached};

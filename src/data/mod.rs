@@ -281,7 +281,7 @@ impl Dataset {
                     format!(
                         "{context} is longer than the {what} data: a sequence needs {} tokens, \
                          the {what} split of {} holds {}",
-                        context + 1,
+                        context.saturating_add(1),
                         self.source,
                         t.len()
                     ),

@@ -112,7 +112,7 @@ impl Sampler {
                 format!(
                     "{context} is longer than the training data: a sequence needs {} tokens, the \
                      train split holds {}",
-                    context + 1,
+                    context.saturating_add(1),
                     tokens.len()
                 ),
             ));
@@ -265,7 +265,7 @@ pub fn eval_batches(
             format!(
                 "{context} is longer than the validation data: a sequence needs {} tokens, the \
                  validation split holds {}",
-                context + 1,
+                context.saturating_add(1),
                 tokens.len()
             ),
         ));

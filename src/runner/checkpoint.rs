@@ -149,20 +149,36 @@ pub fn write(
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
     manifest.files.clear();
-    for (name, bytes) in &files {
-        write_atomic(&dir.join(name), bytes)?;
-        manifest
-            .files
-            .insert(name.to_string(), FileEntry::of(bytes));
+    let written = (|| -> Result<()> {
+        for (name, bytes) in &files {
+            write_atomic(&dir.join(name), bytes)?;
+            manifest
+                .files
+                .insert(name.to_string(), FileEntry::of(bytes));
+        }
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::file(&dir, e))?;
+        write_atomic(&dir.join(MANIFEST), &json)
+    })();
+    if let Err(e) = written {
+        // A full disk or a failing device: give the space of the torn checkpoint back at once
+        // (it would only be skipped on resume); the previous checkpoint is untouched.
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
     }
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::file(&dir, e))?;
-    write_atomic(&dir.join(MANIFEST), &json)?;
+    remove_others(run_dir, &dir)?;
+    Ok(dir)
+}
+
+/// Removes every checkpoint directory under `run_dir` except `keep`: older complete ones and
+/// torn ones. A writer killed after a checkpoint's manifest and before this cleanup leaves the
+/// previous checkpoint behind; resuming calls it with the checkpoint it loaded.
+pub fn remove_others(run_dir: &Path, keep: &Path) -> Result<()> {
     for (_, other) in list(run_dir)? {
-        if other != dir {
+        if other != keep {
             std::fs::remove_dir_all(&other).map_err(|e| Error::file(&other, e))?;
         }
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// A checkpoint read back and verified.
@@ -204,7 +220,40 @@ pub fn latest(run_dir: &Path) -> Result<Option<Loaded>> {
         }
         let mut files = HashMap::new();
         for (name, entry) in &manifest.files {
+            // Only files of the checkpoint's own directory: a manifest naming a path elsewhere
+            // (`../x`, `/dev/zero`) is corrupt, not an instruction to read it.
+            let plain = {
+                let mut parts = Path::new(name).components();
+                matches!(
+                    (parts.next(), parts.next()),
+                    (Some(std::path::Component::Normal(_)), None)
+                )
+            };
+            if !plain {
+                return Err(Error::file(
+                    &mpath,
+                    format!(
+                        "corrupt checkpoint manifest: lists `{name}`, not a file name of the \
+                         checkpoint directory"
+                    ),
+                ));
+            }
             let p = dir.join(name);
+            // The size first: a file larger than recorded is not read into memory.
+            let size = std::fs::metadata(&p)
+                .map_err(|e| {
+                    Error::file(&p, format!("checkpoint file listed in the manifest: {e}"))
+                })?
+                .len();
+            if size != entry.bytes {
+                return Err(Error::file(
+                    &p,
+                    format!(
+                        "corrupt checkpoint file: {size} bytes, the manifest records {} bytes",
+                        entry.bytes
+                    ),
+                ));
+            }
             let bytes = std::fs::read(&p).map_err(|e| {
                 Error::file(&p, format!("checkpoint file listed in the manifest: {e}"))
             })?;

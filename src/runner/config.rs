@@ -445,7 +445,21 @@ impl RunConfig {
         let ewa: EwaConfig = take(&mut table, "ewa")?.unwrap_or_default();
         let checkpoint: CheckpointConfig = take(&mut table, "checkpoint")?.unwrap_or_default();
         validate_train(&train)?;
-        let batch_tokens = (train.batch_size * model.context()) as u64;
+        let batch_tokens = train
+            .batch_size
+            .checked_mul(model.context())
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                Error::config(
+                    "train.batch_size",
+                    format!(
+                        "{} sequences of {} tokens (model.context) per step: more tokens than \
+                         can be counted",
+                        train.batch_size,
+                        model.context()
+                    ),
+                )
+            })?;
         let steps = budget_steps(&train, batch_tokens);
 
         if as_table(&mut table, "optimizer")?.is_none() {
@@ -568,7 +582,8 @@ impl RunConfig {
 
     /// Tokens predicted per optimizer step (`batch_size × context`).
     pub fn batch_tokens(&self) -> u64 {
-        (self.train.batch_size * self.model.context()) as u64
+        // Checked when the config was read; saturating for a config changed since.
+        self.train.batch_size.saturating_mul(self.model.context()) as u64
     }
 
     /// The run's length in optimizer steps (a token budget rounded up to whole steps).

@@ -176,6 +176,13 @@ pub fn run(config: &RunConfig, opts: &RunOptions) -> Result<RunReport> {
     check_budget(config, &t, &mut notes)?;
 
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    // A writer killed between creating and renaming a file leaves its temporary behind.
+    for p in crate::io::remove_stale_temporaries(dir)? {
+        notes.push(format!(
+            "removed {} (left by an interrupted write)",
+            p.display()
+        ));
+    }
     let (mut state, mut writer) = start_loop(&mut t, dir, loaded, &mut notes)?;
     write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
     let resumed_from = (state.step > 0).then_some(state.step);
@@ -308,7 +315,7 @@ fn run_data(config: &RunConfig, opts: &RunOptions) -> Result<Dataset> {
 fn check_budget(config: &RunConfig, t: &Trainer, notes: &mut Notes) -> Result<()> {
     let total = config.total_steps();
     let tokens_per_epoch = t.sampler.tokens_per_epoch();
-    if total * config.batch_tokens() <= tokens_per_epoch {
+    if total.saturating_mul(config.batch_tokens()) <= tokens_per_epoch {
         return Ok(());
     }
     let msg = format!(
@@ -337,6 +344,8 @@ fn start_loop(
     let metrics_path = dir.join("metrics.jsonl");
     if let Some(l) = loaded {
         t.restore(&l)?;
+        // Older checkpoints a killed writer left, and torn newer ones: only this one counts.
+        checkpoint::remove_others(dir, &l.dir)?;
         let state = l.manifest.state.clone();
         t.sampler.seek(state.sampler)?;
         let writer = metrics::MetricsWriter::resume(

@@ -180,6 +180,7 @@ pub fn run_shard(plan: &Plan, opts: &WorkerOptions) -> Result<WorkerReport> {
         ));
     }
     let runs = plan.shard(index, count);
+    crate::sweep::lock::remove_stale_lock_temporaries(&plan.spec.runs_dir);
     let mut report = WorkerReport {
         in_shard: runs.len(),
         ..Default::default()

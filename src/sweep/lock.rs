@@ -182,15 +182,78 @@ fn judge(path: &Path, stale_after: Duration) -> Found {
     }
 }
 
+/// The private temporary file `<lock>.<kind>.<host>.<pid>.<nonce>` through which a worker
+/// writes the lock file `path` (`kind`: `tmp` when taking it, `rel` when marking it released).
+fn temporary_path(path: &Path, kind: &str, info: &LockInfo) -> PathBuf {
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(format!(
+        ".{kind}.{}.{}.{:x}",
+        info.host, info.pid, info.nonce
+    ));
+    PathBuf::from(tmp)
+}
+
+/// The owner (host, pid) of a lock's temporary file named
+/// `<base>.<g>.<kind>.<host>.<pid>.<nonce>` (see [`temporary_path`]) whose `<base>` is `base`
+/// (any base ending in `.lock` when `None`).
+fn temporary_owner<'a>(file: &'a str, base: Option<&str>) -> Option<(&'a str, u32)> {
+    let mut tail = file.rsplitn(3, '.');
+    let (_nonce, pid, head) = (tail.next()?, tail.next()?, tail.next()?);
+    let pid: u32 = pid.parse().ok()?;
+    // `head` is `<base>.<g>.<kind>.<host>`; the host name may hold dots, the base ends in
+    // `.lock` (`<run id>.lock`).
+    let (lock_base, rest) = head.split_once(".lock.")?;
+    if base.is_some_and(|b| b.strip_suffix(".lock") != Some(lock_base)) {
+        return None;
+    }
+    let (g, rest) = rest.split_once('.')?;
+    g.parse::<u64>().ok()?;
+    let (kind, host) = rest.split_once('.')?;
+    (kind == "tmp" || kind == "rel").then_some((host, pid))
+}
+
+/// Removes the temporary lock files in `dir` (those of the lock `base` only, when given) that
+/// a worker of this host left when it was killed between writing and linking (or renaming)
+/// them: those of processes that no longer run. Files of other hosts are left alone (their
+/// pids mean nothing here), and nothing is removed where the process table cannot be read.
+fn remove_stale_temporaries(dir: &Path, base: Option<&str>) {
+    if !Path::new("/proc/self/stat").exists() {
+        return;
+    }
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let host = host_name();
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some((owner, pid)) = file.to_str().and_then(|f| temporary_owner(f, base)) else {
+            continue;
+        };
+        if owner == host && process_start(pid).is_none() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes the temporary lock files of every run in `runs_dir` left by killed workers of this
+/// host (a worker killed while marking its lock released, after its run finished, leaves one
+/// that no later acquisition of that run would clear).
+pub fn remove_stale_lock_temporaries(runs_dir: &Path) {
+    remove_stale_temporaries(runs_dir, None);
+}
+
 /// Creates `path` holding `info` if it does not exist; `false` if it does. The record is written
 /// to a private temporary file first and hard-linked to `path` (an exclusive create, like
 /// `O_EXCL`, that also works on NFS), so the lock never exists without its content; where hard
 /// links are not supported, `create_new` (`O_CREAT | O_EXCL`) and a write.
 fn create_exclusive(path: &Path, info: &LockInfo) -> Result<bool> {
     let text = serde_json::to_string(info).map_err(|e| Error::file(path, e))?;
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(format!(".tmp.{}.{:x}", info.pid, info.nonce));
-    let tmp = PathBuf::from(tmp);
+    let tmp = temporary_path(path, "tmp", info);
     std::fs::write(&tmp, &text)
         .and_then(|_| File::open(&tmp)?.sync_all())
         .map_err(|e| Error::file(&tmp, e))?;
@@ -221,6 +284,10 @@ impl RunLock {
     pub fn acquire(base: &Path, stale_after: Duration) -> Result<std::result::Result<Self, Held>> {
         if let Some(dir) = base.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        }
+        if let (Some(dir), Some(name)) = (base.parent(), base.file_name().and_then(|n| n.to_str()))
+        {
+            remove_stale_temporaries(dir, Some(name));
         }
         loop {
             // The highest existing generation.
@@ -339,9 +406,7 @@ impl RunLock {
             ..self.info.clone()
         };
         let text = serde_json::to_string(&released).map_err(|e| Error::file(&self.path, e))?;
-        let mut tmp = self.path.as_os_str().to_os_string();
-        tmp.push(format!(".rel.{}.{:x}", self.info.pid, self.info.nonce));
-        let tmp = PathBuf::from(tmp);
+        let tmp = temporary_path(&self.path, "rel", &self.info);
         let written = std::fs::write(&tmp, &text)
             .and_then(|_| File::open(&tmp)?.sync_all())
             .and_then(|_| std::fs::rename(&tmp, &self.path));
@@ -378,6 +443,46 @@ mod tests {
         assert!(!generation_path(&base, 0).exists());
         let b = RunLock::acquire(&base, LONG).unwrap().unwrap();
         assert_eq!(b.path(), generation_path(&base, 0));
+    }
+
+    #[test]
+    fn temporaries_of_killed_workers_of_this_host_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("run.lock");
+        let me = LockInfo::current();
+        let dead = LockInfo {
+            pid: 4_000_000_000,
+            ..me.clone()
+        };
+        let elsewhere = LockInfo {
+            host: format!("{}.other.example", me.host),
+            ..dead.clone()
+        };
+        let stale = [
+            temporary_path(&generation_path(&base, 0), "tmp", &dead),
+            temporary_path(&generation_path(&base, 3), "rel", &dead),
+        ];
+        let kept = [
+            temporary_path(&generation_path(&base, 0), "tmp", &me),
+            temporary_path(&generation_path(&base, 1), "tmp", &elsewhere),
+            temporary_path(&dir.path().join("other.lock.0"), "tmp", &dead),
+            dir.path().join("run.lock.0.tmp.4000000000.ff"), // no host: not ours to judge
+        ];
+        for p in stale.iter().chain(&kept) {
+            std::fs::write(p, "{}").unwrap();
+        }
+        let lock = RunLock::acquire(&base, LONG).unwrap().unwrap();
+        for p in &stale {
+            assert!(!p.exists(), "{} left", p.display());
+        }
+        for p in &kept {
+            assert!(p.exists(), "{} removed", p.display());
+        }
+        lock.release().unwrap();
+        // The whole runs directory: another run's temporary of a dead worker of this host.
+        remove_stale_lock_temporaries(dir.path());
+        assert!(!kept[2].exists());
+        assert!(kept[0].exists() && kept[1].exists() && kept[3].exists());
     }
 
     #[test]

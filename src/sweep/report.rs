@@ -42,7 +42,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::analysis::{self, fit_cbs, CbsRow, Eval, PowerLaw};
+use crate::analysis::{
+    self, bootstrap_interval, fit_cbs, lr_range_within, seed_stats, BootstrapInterval, CbsRow,
+    Eval, LrRange, PowerLaw, SeedStats,
+};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::plots::{
@@ -163,6 +166,97 @@ pub struct LrCurve {
     pub batch_size: usize,
     /// `(lr, final loss)`, ascending lr; diverged runs have an infinite loss (`null` in JSON).
     pub points: Vec<(f64, f64)>,
+}
+
+/// Final loss at one learning rate over the seeds of a cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct LrSeedPoint {
+    /// Learning rate.
+    pub lr: f64,
+    /// `(seed, final loss)` per seed (minimum over the other axes), ascending seed; diverged
+    /// runs have an infinite loss.
+    pub per_seed: Vec<(u64, f64)>,
+    /// Mean, spread and extremes over the seeds.
+    pub stats: SeedStats,
+}
+
+/// Final loss against learning rate in one cell, over seeds (sweeps with more than one seed).
+#[derive(Debug, Clone, Serialize)]
+pub struct LrSeedCurve {
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Ascending learning rate.
+    pub points: Vec<LrSeedPoint>,
+}
+
+/// The learning rates within a tolerance of the best loss in one cell: on the curve of the
+/// mean over seeds, and per seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LrStability {
+    /// Scenario.
+    pub scenario: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Relative tolerance.
+    pub tolerance: f64,
+    /// The range on the mean-over-seeds curve.
+    pub mean_curve: LrRange,
+    /// The loss over seeds at the best learning rate of the mean curve.
+    pub best: SeedStats,
+    /// Width in decades of each seed's own range, over the seeds.
+    pub seed_decades: Option<SeedStats>,
+    /// Each seed's best learning rate, ascending seed.
+    pub seed_best_lrs: Vec<f64>,
+}
+
+/// Relative tolerances of the learning-rate ranges in the report: 1 % (the Deconstructing
+/// comparison) and 5 %.
+pub const LR_RANGE_TOLERANCES: [f64; 2] = [0.01, 0.05];
+
+/// Resamples and coverage of the bootstrap intervals over seeds.
+pub const SEED_BOOTSTRAP: (usize, f64) = (2000, 0.9);
+
+/// One group's critical batch size over seeds: the fit repeated on each seed's runs alone
+/// (each seed with its own reference targets), for one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedCbs {
+    /// Target index.
+    pub target: usize,
+    /// Group (optimizer, or optimizer/scenario).
+    pub group: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Scenario.
+    pub scenario: String,
+    /// `(seed, B*, b/(5a))` of each seed whose fit succeeded.
+    pub per_seed: Vec<(u64, f64, f64)>,
+    /// `B*` over those seeds.
+    pub b_star: SeedStats,
+    /// `b/(5a)` over those seeds.
+    pub b_star_asymptotic: SeedStats,
+    /// Percentile bootstrap interval (over the seeds) of the mean `B*`.
+    pub b_star_interval: Option<BootstrapInterval>,
+}
+
+/// A power law of `B*` over seeds: its exponent fitted on each seed's runs alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedLaw {
+    /// What is fitted, e.g. `B* vs N, target 0` or `B* vs D across targets, d64`.
+    pub law: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// `(seed, exponent)` of each seed where the law could be fitted.
+    pub per_seed: Vec<(u64, f64)>,
+    /// The exponent over those seeds.
+    pub exponent: SeedStats,
+    /// Percentile bootstrap interval (over the seeds) of the mean exponent.
+    pub interval: Option<BootstrapInterval>,
 }
 
 /// One group's critical-batch-size fit for one target.
@@ -296,6 +390,13 @@ pub struct SweepReport {
     pub optimal_lr: Vec<BestLr>,
     /// Loss vs lr per cell.
     pub lr_curves: Vec<LrCurve>,
+    /// Loss vs lr per cell over seeds (only when the runs have more than one seed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lr_seed_curves: Vec<LrSeedCurve>,
+    /// Learning-rate ranges within each of [`LR_RANGE_TOLERANCES`] of the best mean loss (only
+    /// when the runs have more than one seed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lr_stability: Vec<LrStability>,
     /// Fits.
     pub cbs: Vec<GroupCbs>,
     /// Groups that could not be fitted.
@@ -304,6 +405,12 @@ pub struct SweepReport {
     pub power_laws: Vec<OptimizerLaws>,
     /// Power laws against data size across targets, per scenario.
     pub data_laws: Vec<DataLaw>,
+    /// `B*` per seed (only when the runs have more than one seed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seed_cbs: Vec<SeedCbs>,
+    /// Power-law exponents per seed (only when the runs have more than one seed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seed_laws: Vec<SeedLaw>,
     /// Every run.
     pub run_results: Vec<RunResult>,
     /// Wall-clock measurements (the only part that differs between identical sweeps).
@@ -598,6 +705,7 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
             }
         }
     }
+    let (lr_seed_curves, lr_stability) = seed_lr_analysis(&runs, &scenarios, &optimizers, spec);
 
     // Fits.
     let mut cbs = Vec::new();
@@ -732,6 +840,8 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
         }
     }
 
+    let (seed_cbs, seed_laws) = seed_cbs_analysis(plan, &runs)?;
+
     let counts = Counts {
         planned: runs.len(),
         finished: runs.iter().filter(|r| r.state == "finished").count(),
@@ -747,13 +857,231 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
         steps_to_target: cells,
         optimal_lr,
         lr_curves,
+        lr_seed_curves,
+        lr_stability,
         cbs,
         cbs_failures: failures,
         power_laws,
         data_laws,
+        seed_cbs,
+        seed_laws,
         run_results: runs,
         timing,
     })
+}
+
+/// The bootstrap interval of the mean of `values` over seeds.
+fn mean_interval(values: &[f64], salt: u64) -> Option<BootstrapInterval> {
+    let (resamples, level) = SEED_BOOTSTRAP;
+    bootstrap_interval(values.len(), resamples, level, salt, |idx| {
+        Some(idx.iter().map(|&i| values[i]).sum::<f64>() / idx.len() as f64)
+    })
+}
+
+/// `B*` and its power laws fitted on each seed's runs alone (each seed's report, with its own
+/// reference targets), then summarised over the seeds with bootstrap intervals of the mean;
+/// both empty unless the counted runs have more than one seed.
+fn seed_cbs_analysis(plan: &Plan, runs: &[RunResult]) -> Result<(Vec<SeedCbs>, Vec<SeedLaw>)> {
+    let seeds: BTreeSet<u64> = runs
+        .iter()
+        .filter(|r| r.counted())
+        .map(|r| r.coords.seed)
+        .collect();
+    if seeds.len() < 2 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    // (target, group) -> (optimizer, scenario, per seed)
+    type CbsKey = (usize, String);
+    type PerSeed = (String, String, Vec<(u64, f64, f64)>);
+    let mut cbs: BTreeMap<CbsKey, PerSeed> = BTreeMap::new();
+    // (law, optimizer) -> per seed
+    let mut laws: BTreeMap<(String, String), Vec<(u64, f64)>> = BTreeMap::new();
+    let scenario_count = {
+        let mut v: Vec<String> = plan.runs.iter().map(|r| r.coords.scenario()).collect();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    for &seed in &seeds {
+        let subset: Vec<RunResult> = runs
+            .iter()
+            .filter(|r| r.coords.seed == seed)
+            .cloned()
+            .collect();
+        let rep = build_from(plan, subset)?;
+        for g in &rep.cbs {
+            cbs.entry((g.target, g.group.clone()))
+                .or_insert_with(|| (g.optimizer.clone(), g.scenario.clone(), Vec::new()))
+                .2
+                .push((seed, g.b_star, g.b_star_asymptotic));
+        }
+        for l in &rep.power_laws {
+            if let Some(p) = &l.n_params {
+                laws.entry((format!("B* vs N, target {}", l.target), l.optimizer.clone()))
+                    .or_default()
+                    .push((seed, p.exponent));
+            }
+            if let Some(p) = &l.tokens {
+                laws.entry((
+                    format!("B* vs D across scenarios, target {}", l.target),
+                    l.optimizer.clone(),
+                ))
+                .or_default()
+                .push((seed, p.exponent));
+            }
+        }
+        for d in &rep.data_laws {
+            let name = if scenario_count > 1 && !d.scenario.is_empty() {
+                format!("B* vs D across targets, {}", d.scenario)
+            } else {
+                "B* vs D across targets".to_string()
+            };
+            laws.entry((name, d.optimizer.clone()))
+                .or_default()
+                .push((seed, d.law.exponent));
+        }
+    }
+    let mut seed_cbs = Vec::new();
+    for (i, ((target, group), (optimizer, scenario, per_seed))) in cbs.into_iter().enumerate() {
+        let b: Vec<f64> = per_seed.iter().map(|x| x.1).collect();
+        let a: Vec<f64> = per_seed.iter().map(|x| x.2).collect();
+        let (Some(b_star), Some(b_star_asymptotic)) = (seed_stats(&b), seed_stats(&a)) else {
+            continue;
+        };
+        seed_cbs.push(SeedCbs {
+            target,
+            group,
+            optimizer,
+            scenario,
+            b_star_interval: mean_interval(&b, i as u64),
+            per_seed,
+            b_star,
+            b_star_asymptotic,
+        });
+    }
+    let mut seed_laws = Vec::new();
+    for (i, ((law, optimizer), per_seed)) in laws.into_iter().enumerate() {
+        let e: Vec<f64> = per_seed.iter().map(|x| x.1).collect();
+        let Some(exponent) = seed_stats(&e) else {
+            continue;
+        };
+        seed_laws.push(SeedLaw {
+            law,
+            optimizer,
+            interval: mean_interval(&e, 1_000 + i as u64),
+            per_seed,
+            exponent,
+        });
+    }
+    Ok((seed_cbs, seed_laws))
+}
+
+/// Final loss against learning rate over seeds, and the learning-rate ranges within
+/// [`LR_RANGE_TOLERANCES`] of the best, per cell; both empty unless the counted runs have more
+/// than one seed. Per seed and lr the loss is the minimum over the other axes.
+fn seed_lr_analysis(
+    runs: &[RunResult],
+    scenarios: &[String],
+    optimizers: &[String],
+    spec: &crate::sweep::spec::SweepSpec,
+) -> (Vec<LrSeedCurve>, Vec<LrStability>) {
+    let seeds: BTreeSet<u64> = runs
+        .iter()
+        .filter(|r| r.counted())
+        .map(|r| r.coords.seed)
+        .collect();
+    let (mut curves, mut stability) = (Vec::new(), Vec::new());
+    if seeds.len() < 2 {
+        return (curves, stability);
+    }
+    for s in scenarios {
+        for o in optimizers {
+            for &b in &spec.batch_sizes {
+                // lr bits -> (lr, seed -> loss)
+                let mut by_lr: BTreeMap<u64, (f64, BTreeMap<u64, f64>)> = BTreeMap::new();
+                for r in runs.iter().filter(|r| {
+                    r.counted()
+                        && &r.coords.optimizer == o
+                        && r.coords.batch_size == b
+                        && &r.coords.scenario() == s
+                }) {
+                    let l = r.final_loss.unwrap_or(f64::INFINITY);
+                    let e = by_lr
+                        .entry(r.coords.lr.to_bits())
+                        .or_insert_with(|| (r.coords.lr, BTreeMap::new()));
+                    let v = e.1.entry(r.coords.seed).or_insert(l);
+                    *v = v.min(l);
+                }
+                let mut points: Vec<LrSeedPoint> = by_lr
+                    .into_values()
+                    .filter_map(|(lr, per)| {
+                        let per_seed: Vec<(u64, f64)> = per.into_iter().collect();
+                        let vals: Vec<f64> = per_seed.iter().map(|p| p.1).collect();
+                        let stats = seed_stats(&vals)?;
+                        Some(LrSeedPoint {
+                            lr,
+                            per_seed,
+                            stats,
+                        })
+                    })
+                    .collect();
+                if points.is_empty() {
+                    continue;
+                }
+                points.sort_by(|a, b| a.lr.total_cmp(&b.lr));
+                let mean: Vec<(f64, f64)> = points.iter().map(|p| (p.lr, p.stats.mean)).collect();
+                let cell_seeds: BTreeSet<u64> = points
+                    .iter()
+                    .flat_map(|p| p.per_seed.iter().map(|x| x.0))
+                    .collect();
+                for &tol in &LR_RANGE_TOLERANCES {
+                    let Some(range) = lr_range_within(&mean, tol) else {
+                        continue;
+                    };
+                    let Some(best) = points
+                        .iter()
+                        .find(|p| p.lr == range.best_lr)
+                        .map(|p| p.stats)
+                    else {
+                        continue;
+                    };
+                    let per_seed: Vec<LrRange> = cell_seeds
+                        .iter()
+                        .filter_map(|seed| {
+                            let curve: Vec<(f64, f64)> = points
+                                .iter()
+                                .filter_map(|p| {
+                                    p.per_seed
+                                        .iter()
+                                        .find(|x| x.0 == *seed)
+                                        .map(|x| (p.lr, x.1))
+                                })
+                                .collect();
+                            lr_range_within(&curve, tol)
+                        })
+                        .collect();
+                    let widths: Vec<f64> = per_seed.iter().map(|r| r.decades).collect();
+                    stability.push(LrStability {
+                        scenario: s.clone(),
+                        optimizer: o.clone(),
+                        batch_size: b,
+                        tolerance: tol,
+                        mean_curve: range,
+                        best,
+                        seed_decades: seed_stats(&widths),
+                        seed_best_lrs: per_seed.iter().map(|r| r.best_lr).collect(),
+                    });
+                }
+                curves.push(LrSeedCurve {
+                    scenario: s.clone(),
+                    optimizer: o.clone(),
+                    batch_size: b,
+                    points,
+                });
+            }
+        }
+    }
+    (curves, stability)
 }
 
 fn group_name(optimizer: &str, scenario: &str, many: bool) -> String {
@@ -797,9 +1125,16 @@ fn csv_field(s: &str) -> String {
 fn num(x: f64) -> String {
     if x.is_finite() {
         format!("{x}")
+    } else if x.is_nan() {
+        "nan".into()
     } else {
         "inf".into()
     }
+}
+
+/// Three significant digits (`6.73e-3`) for interpolated values.
+fn sig3(x: f64) -> String {
+    format!("{x:.2e}")
 }
 
 fn opt_num(x: Option<f64>) -> String {
@@ -937,6 +1272,123 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
         }
     }
     put("lr_curves.csv", csv, &mut written)?;
+    if !report.seed_cbs.is_empty() {
+        let mut csv = String::from(
+            "target,group,n_seeds,b_star_mean,b_star_std,b_star_lo,b_star_hi,\
+             b_star_asymptotic_mean,b_star_asymptotic_std,per_seed\n",
+        );
+        for g in &report.seed_cbs {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{},{}",
+                g.target,
+                csv_field(&g.group),
+                g.b_star.n,
+                num(g.b_star.mean),
+                num(g.b_star.std),
+                opt_num(g.b_star_interval.map(|x| x.lo)),
+                opt_num(g.b_star_interval.map(|x| x.hi)),
+                num(g.b_star_asymptotic.mean),
+                num(g.b_star_asymptotic.std),
+                g.per_seed
+                    .iter()
+                    .map(|x| format!("{}:{}", x.0, x.1))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            );
+        }
+        put("cbs_seeds.csv", csv, &mut written)?;
+    }
+    if !report.seed_laws.is_empty() {
+        let mut csv =
+            String::from("law,optimizer,n_seeds,exponent_mean,exponent_std,lo,hi,per_seed\n");
+        for l in &report.seed_laws {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{}",
+                csv_field(&l.law),
+                csv_field(&l.optimizer),
+                l.exponent.n,
+                num(l.exponent.mean),
+                num(l.exponent.std),
+                opt_num(l.interval.map(|x| x.lo)),
+                opt_num(l.interval.map(|x| x.hi)),
+                l.per_seed
+                    .iter()
+                    .map(|x| format!("{}:{}", x.0, x.1))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            );
+        }
+        put("laws_seeds.csv", csv, &mut written)?;
+    }
+    if !report.lr_seed_curves.is_empty() {
+        let mut csv = String::from("scenario,optimizer,batch_size,lr,n_seeds,mean,std,min,max\n");
+        let mut long = String::from("scenario,optimizer,batch_size,lr,seed,final_loss\n");
+        for c in &report.lr_seed_curves {
+            for p in &c.points {
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{},{},{},{},{}",
+                    csv_field(&c.scenario),
+                    csv_field(&c.optimizer),
+                    c.batch_size,
+                    p.lr,
+                    p.stats.n,
+                    num(p.stats.mean),
+                    num(p.stats.std),
+                    num(p.stats.min),
+                    num(p.stats.max)
+                );
+                for &(seed, l) in &p.per_seed {
+                    let _ = writeln!(
+                        long,
+                        "{},{},{},{},{},{}",
+                        csv_field(&c.scenario),
+                        csv_field(&c.optimizer),
+                        c.batch_size,
+                        p.lr,
+                        seed,
+                        num(l)
+                    );
+                }
+            }
+        }
+        put("lr_seeds.csv", csv, &mut written)?;
+        put("lr_seed_runs.csv", long, &mut written)?;
+        let mut csv = String::from(
+            "scenario,optimizer,batch_size,tolerance,best_lr,best_mean,best_std,n_seeds,lo,hi,\
+             decades,lo_open,hi_open,seed_decades_mean,seed_decades_std,seed_best_lrs\n",
+        );
+        for t in &report.lr_stability {
+            let r = &t.mean_curve;
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                csv_field(&t.scenario),
+                csv_field(&t.optimizer),
+                t.batch_size,
+                t.tolerance,
+                r.best_lr,
+                num(t.best.mean),
+                num(t.best.std),
+                t.best.n,
+                r.lo,
+                r.hi,
+                num(r.decades),
+                r.lo_open,
+                r.hi_open,
+                opt_num(t.seed_decades.map(|x| x.mean)),
+                opt_num(t.seed_decades.map(|x| x.std)),
+                t.seed_best_lrs
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(";")
+            );
+        }
+        put("lr_stability.csv", csv, &mut written)?;
+    }
     let mut csv = String::from("target,group,a,b,b_star,b_star_asymptotic,rmse_log,n_points\n");
     for g in &report.cbs {
         let _ = writeln!(
@@ -1007,6 +1459,67 @@ pub fn steps_csv_name(ti: usize) -> String {
     } else {
         format!("steps_to_target_{ti}.csv")
     }
+}
+
+/// The top of a loss-vs-lr plot's loss axis: 1.5× the lowest loss when some finite loss lies
+/// above that (a run blowing up to a loss of hundreds would flatten every other curve), else
+/// the largest loss (`None`).
+fn lr_plot_cap(series: &[LrSeries]) -> Option<f64> {
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|l| l.is_finite())
+    };
+    let lowest = finite().fold(f64::INFINITY, f64::min);
+    let cap = 1.5 * lowest;
+    (lowest.is_finite() && lowest > 0.0 && finite().any(|l| l > cap)).then_some(cap)
+}
+
+/// The final-loss-vs-lr series of every cell as `(scenario, optimizer, batch size, series)`:
+/// the mean over seeds with the seeds' range as error bars when the sweep has several seeds,
+/// else the loss per lr (minimum over the other axes).
+fn lr_series(report: &SweepReport) -> Vec<(String, String, usize, LrSeries)> {
+    if report.lr_seed_curves.is_empty() {
+        return report
+            .lr_curves
+            .iter()
+            .map(|c| {
+                let series = LrSeries {
+                    label: c.optimizer.clone(),
+                    points: c.points.clone(),
+                    bars: Vec::new(),
+                };
+                (
+                    c.scenario.clone(),
+                    c.optimizer.clone(),
+                    c.batch_size,
+                    series,
+                )
+            })
+            .collect();
+    }
+    report
+        .lr_seed_curves
+        .iter()
+        .map(|c| {
+            let series = LrSeries {
+                label: c.optimizer.clone(),
+                points: c.points.iter().map(|p| (p.lr, p.stats.mean)).collect(),
+                bars: c
+                    .points
+                    .iter()
+                    .map(|p| (p.lr, p.stats.min, p.stats.max))
+                    .collect(),
+            };
+            (
+                c.scenario.clone(),
+                c.optimizer.clone(),
+                c.batch_size,
+                series,
+            )
+        })
+        .collect()
 }
 
 fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBuf>> {
@@ -1149,20 +1662,19 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                 })?;
             }
             // Final loss vs lr, one line per batch size, aligned at each optimum.
-            let series: Vec<LrSeries> = report
-                .lr_curves
-                .iter()
-                .filter(|c| &c.scenario == s && c.optimizer == o.label)
-                .map(|c| LrSeries {
-                    label: format!("B = {}", c.batch_size),
-                    points: c.points.clone(),
+            let series: Vec<LrSeries> = lr_series(report)
+                .into_iter()
+                .filter(|(sc, opt, _, _)| sc == s && *opt == o.label)
+                .map(|(_, _, b, mut x)| {
+                    x.label = format!("B = {b}");
+                    x
                 })
                 .collect();
             if series.iter().any(|x| x.points.len() > 1) {
                 let data = LrSensitivityPlot {
                     title: format!("{}: final loss vs lr / best lr", titled(&o.label, s)),
+                    max_loss: lr_plot_cap(&series),
                     series,
-                    max_loss: None,
                 };
                 both(format!("lr_{}{sc}", slug(&o.label)), &mut out, &|p| {
                     plots::plot_lr_sensitivity(&data, p)
@@ -1172,13 +1684,12 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
         // Optimizers compared at each batch size.
         if spec.optimizers.len() > 1 {
             for &b in &spec.batch_sizes {
-                let series: Vec<LrSeries> = report
-                    .lr_curves
-                    .iter()
-                    .filter(|c| &c.scenario == s && c.batch_size == b)
-                    .map(|c| LrSeries {
-                        label: c.optimizer.clone(),
-                        points: c.points.clone(),
+                let series: Vec<LrSeries> = lr_series(report)
+                    .into_iter()
+                    .filter(|(sc, _, bb, _)| sc == s && *bb == b)
+                    .map(|(_, opt, _, mut x)| {
+                        x.label = opt;
+                        x
                     })
                     .collect();
                 if series.iter().any(|x| x.points.len() > 1) {
@@ -1187,8 +1698,8 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
                             "{}: final loss vs lr / best lr",
                             titled(&format!("B = {b}"), s)
                         ),
+                        max_loss: lr_plot_cap(&series),
                         series,
-                        max_loss: None,
                     };
                     both(format!("lr_B{b}{sc}"), &mut out, &|p| {
                         plots::plot_lr_sensitivity(&data, p)
@@ -1531,6 +2042,151 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
             md += "\n";
         }
     }
+    if !report.seed_cbs.is_empty() {
+        let (resamples, level) = SEED_BOOTSTRAP;
+        let _ = writeln!(
+            md,
+            "## Critical batch size over seeds\n\nThe whole analysis repeated on each seed's \
+             runs alone (each seed with its own reference targets): `B*` per seed, mean ± \
+             standard deviation, and the {}% percentile bootstrap interval of the mean \
+             ({resamples} resamples of the seeds).\n\n| target | group | B* per seed | B* mean ± sd \
+             | interval of the mean | b/(5a) mean ± sd |\n|---|---|---|---|---|---|",
+            level * 100.0
+        );
+        for g in &report.seed_cbs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.2} ± {:.2} | {} | {:.2} ± {:.2} |",
+                g.target,
+                g.group,
+                g.per_seed
+                    .iter()
+                    .map(|x| format!("{:.2} (seed {})", x.1, x.0))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                g.b_star.mean,
+                g.b_star.std,
+                g.b_star_interval
+                    .map(|x| format!("{:.2} – {:.2}", x.lo, x.hi))
+                    .unwrap_or_default(),
+                g.b_star_asymptotic.mean,
+                g.b_star_asymptotic.std
+            );
+        }
+        md += "\n";
+    }
+    if !report.seed_laws.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Power laws over seeds\n\nExponents fitted on each seed's runs alone, mean ± \
+             standard deviation and the bootstrap interval of the mean.\n\n| law | optimizer \
+             | exponent per seed | mean ± sd | interval of the mean |\n|---|---|---|---|---|"
+        );
+        for l in &report.seed_laws {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.3} ± {:.3} | {} |",
+                l.law,
+                l.optimizer,
+                l.per_seed
+                    .iter()
+                    .map(|x| format!("{:.3} (seed {})", x.1, x.0))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                l.exponent.mean,
+                l.exponent.std,
+                l.interval
+                    .map(|x| format!("{:.3} – {:.3}", x.lo, x.hi))
+                    .unwrap_or_default()
+            );
+        }
+        md += "\n";
+    }
+    if !report.lr_seed_curves.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Final loss vs learning rate over seeds\n\nMean ± standard deviation of the \
+             final loss over the seeds (n per cell in `lr_seeds.csv`); `diverged` where a seed \
+             diverged.\n"
+        );
+        for s in &scenarios {
+            for o in &spec.optimizers {
+                let mut lrs: Vec<f64> = o.lr.to_vec();
+                lrs.sort_by(f64::total_cmp);
+                let _ = writeln!(
+                    md,
+                    "{}\n\n| batch size |{}\n|---|{}",
+                    titled(&o.label, s),
+                    lrs.iter()
+                        .map(|l| format!(" lr {} |", fmt_g(*l)))
+                        .collect::<String>(),
+                    "---|".repeat(lrs.len())
+                );
+                for &b in &spec.batch_sizes {
+                    let Some(curve) = report
+                        .lr_seed_curves
+                        .iter()
+                        .find(|c| &c.scenario == s && c.optimizer == o.label && c.batch_size == b)
+                    else {
+                        continue;
+                    };
+                    let mut row = format!("| {b} |");
+                    for l in &lrs {
+                        match curve.points.iter().find(|p| p.lr == *l) {
+                            Some(p) if p.stats.mean.is_finite() => {
+                                let _ = write!(row, " {:.4} ± {:.4} |", p.stats.mean, p.stats.std);
+                            }
+                            Some(_) => row += " diverged |",
+                            None => row += " |",
+                        }
+                    }
+                    let _ = writeln!(md, "{row}");
+                }
+                md += "\n";
+            }
+        }
+        let _ = writeln!(
+            md,
+            "## Learning-rate stability\n\nThe learning rates whose mean final loss is within a \
+             relative tolerance of the best mean loss (contiguous around the best; ends \
+             interpolated in log lr; `≥` where the range reaches the edge of the grid, so the \
+             true range is wider). Per seed: the width of each seed's own range, mean ± standard \
+             deviation over the seeds.\n\n| scenario | optimizer | batch size | best lr | best \
+             loss (mean ± sd, n) | tolerance | lr range | width (decades) | per-seed width | \
+             seeds' best lrs |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for t in &report.lr_stability {
+            let r = &t.mean_curve;
+            let open = if r.lo_open || r.hi_open { "≥ " } else { "" };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.4} ± {:.4} ({}) | {} % | {}{} – {}{} | {}{:.2} | {} | {} |",
+                t.scenario,
+                t.optimizer,
+                t.batch_size,
+                fmt_g(r.best_lr),
+                t.best.mean,
+                t.best.std,
+                t.best.n,
+                t.tolerance * 100.0,
+                if r.lo_open { "≤ " } else { "" },
+                sig3(r.lo),
+                if r.hi_open { "≥ " } else { "" },
+                sig3(r.hi),
+                open,
+                r.decades,
+                t.seed_decades
+                    .map(|d| format!("{:.2} ± {:.2}", d.mean, d.std))
+                    .unwrap_or_default(),
+                t.seed_best_lrs
+                    .iter()
+                    .map(|x| fmt_g(*x))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        md += "\n";
+    }
     if !report.timing.is_empty() {
         let _ = writeln!(
             md,
@@ -1841,5 +2497,215 @@ b0 = 2
         for (a, b) in report.targets.iter().zip(&other.targets) {
             assert_eq!(a.values, b.values);
         }
+    }
+
+    /// One batch size, four learning rates, three seeds; the final loss is a parabola in
+    /// log10(lr) around 3e-3 plus 0.01 per seed, and seed 2 diverges at the largest lr.
+    const SEEDED: &str = r#"
+name = "s"
+[base.model]
+preset = "test"
+[base.train]
+steps = 10
+[base.eval]
+tokens = 256
+[[optimizers]]
+lr = [1e-3, 3e-3, 1e-2, 3e-2]
+config = { name = "adamw" }
+[axes]
+batch_size = [4]
+seed = [0, 1, 2]
+[report]
+metric = "raw"
+"#;
+
+    fn seeded_loss(lr: f64, seed: u64) -> f64 {
+        if lr == 3e-2 && seed == 2 {
+            return f64::INFINITY;
+        }
+        let d = (lr / 3e-3).log10();
+        2.0 + 0.1 * d * d + 0.01 * seed as f64
+    }
+
+    fn seeded_runs(plan: &Plan) -> Vec<RunResult> {
+        plan.runs
+            .iter()
+            .map(|r| {
+                let loss = seeded_loss(r.coords.lr, r.coords.seed);
+                let diverged = !loss.is_finite();
+                RunResult {
+                    id: r.id.clone(),
+                    coords: r.coords.clone(),
+                    state: if diverged { "diverged" } else { "finished" }.into(),
+                    steps: 10,
+                    final_loss: Some(loss),
+                    steps_to_target: Vec::new(),
+                    evals: vec![EvalPoint {
+                        step: 10,
+                        tokens: 10,
+                        loss,
+                    }],
+                    seconds_per_step: None,
+                    n_params: r.config.model.non_embedding_params() as f64,
+                    budget_tokens: None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seeds_give_loss_spreads_and_learning_rate_ranges() {
+        let plan = SweepSpec::parse(SEEDED).unwrap().plan().unwrap();
+        let report = build_from(&plan, seeded_runs(&plan)).unwrap();
+        assert_eq!(report.lr_seed_curves.len(), 1);
+        let curve = &report.lr_seed_curves[0];
+        assert_eq!(curve.points.len(), 4);
+        for p in &curve.points {
+            assert_eq!(p.per_seed.len(), 3);
+            let expect: Vec<f64> = (0..3).map(|s| seeded_loss(p.lr, s)).collect();
+            assert_eq!(p.per_seed.iter().map(|x| x.1).collect::<Vec<_>>(), expect);
+            if p.lr == 3e-2 {
+                assert!(p.stats.mean.is_infinite());
+            } else {
+                assert!((p.stats.mean - (seeded_loss(p.lr, 0) + 0.01)).abs() < 1e-12);
+                assert!((p.stats.std - 0.01).abs() < 1e-12);
+            }
+        }
+        assert_eq!(report.lr_stability.len(), LR_RANGE_TOLERANCES.len());
+        let one = &report.lr_stability[0];
+        assert_eq!(one.tolerance, 0.01);
+        assert_eq!(one.mean_curve.best_lr, 3e-3);
+        assert!((one.best.mean - 2.01).abs() < 1e-12);
+        // Mean curve: 2.01 + 0.1·d²; within 1 % (≤ 2.0301) on [1e-3, 1e-2] only partly: the
+        // neighbours are at d ≈ ±0.5 (loss ≈ 2.033), just outside, so both ends are interior.
+        let r = &one.mean_curve;
+        assert!(!r.lo_open && !r.hi_open);
+        assert!(
+            r.lo > 1e-3 && r.lo < 3e-3 && r.hi > 3e-3 && r.hi < 1e-2,
+            "{r:?}"
+        );
+        assert_eq!(one.seed_best_lrs, [3e-3, 3e-3, 3e-3]);
+        assert_eq!(one.seed_decades.unwrap().n, 3);
+        // 5 %: the whole finite part of the grid, up to the diverged mean at 3e-2.
+        let five = &report.lr_stability[1];
+        assert!(five.mean_curve.lo_open && !five.mean_curve.hi_open);
+        assert_eq!((five.mean_curve.lo, five.mean_curve.hi), (1e-3, 1e-2));
+        // The files and the report sections.
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(&report, &plan, dir.path()).unwrap();
+        for name in ["lr_seeds.csv", "lr_seed_runs.csv", "lr_stability.csv"] {
+            assert!(written.iter().any(|p| p.ends_with(name)), "{name}");
+        }
+        let csv = std::fs::read_to_string(dir.path().join("lr_seed_runs.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + 12);
+        assert!(csv.contains(",0.03,2,inf"), "{csv}");
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## Learning-rate stability"));
+        assert!(md.contains("2.0100 ± 0.0100"), "{md}");
+        // One seed: no seed sections.
+        let single = SweepSpec::parse(&SEEDED.replace("seed = [0, 1, 2]", "seed = [0]"))
+            .unwrap()
+            .plan()
+            .unwrap();
+        let report = build_from(&single, seeded_runs(&single)).unwrap();
+        assert!(report.lr_seed_curves.is_empty() && report.lr_stability.is_empty());
+    }
+
+    #[test]
+    fn b_star_and_its_laws_are_fitted_per_seed() {
+        let spec = SPEC.replace(
+            "batch_size = [2, 4, 8, 16, 32]\n",
+            "batch_size = [2, 4, 8, 16, 32]\nseed = [0, 1, 2]\n",
+        );
+        let plan = SweepSpec::parse(&spec).unwrap().plan().unwrap();
+        // Each seed's curves: the noise scale c grows with the seed (so does B*).
+        let mut runs = synthetic(&plan);
+        for r in runs.iter_mut() {
+            let b = r.coords.batch_size as f64;
+            let c = if r.coords.model == "wide" { 0.2 } else { 0.1 }
+                * (1.0 + 0.2 * r.coords.seed as f64);
+            for e in r.evals.iter_mut() {
+                e.loss = 5.0 / (1.0 + progress(e.step as f64, b, c));
+            }
+            r.final_loss = r.evals.last().map(|e| e.loss);
+        }
+        let report = build_from(&plan, runs.clone()).unwrap();
+        // 3 targets × 2 models, every seed fitted.
+        assert_eq!(report.seed_cbs.len(), 6);
+        for g in &report.seed_cbs {
+            assert_eq!(g.per_seed.len(), 3, "{g:?}");
+            let one = build_from(
+                &plan,
+                runs.iter()
+                    .filter(|r| r.coords.seed == 1)
+                    .cloned()
+                    .collect(),
+            )
+            .unwrap();
+            let want = one
+                .cbs
+                .iter()
+                .find(|x| x.target == g.target && x.group == g.group)
+                .unwrap();
+            assert_eq!(g.per_seed[1], (1, want.b_star, want.b_star_asymptotic));
+            // B* grows with the seed's noise scale; the interval brackets the mean.
+            assert!(g.per_seed[0].1 < g.per_seed[1].1 && g.per_seed[1].1 < g.per_seed[2].1);
+            let iv = g.b_star_interval.unwrap();
+            assert!(iv.lo <= g.b_star.mean && g.b_star.mean <= iv.hi, "{iv:?}");
+            assert!(iv.lo >= g.b_star.min - 1e-9 && iv.hi <= g.b_star.max + 1e-9);
+        }
+        // Laws: B* vs N per target (3) and B* vs D across targets per model (2).
+        let names: Vec<&str> = report.seed_laws.iter().map(|l| l.law.as_str()).collect();
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("B* vs N")).count(),
+            3,
+            "{names:?}"
+        );
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("B* vs D across targets"))
+                .count(),
+            2,
+            "{names:?}"
+        );
+        for l in &report.seed_laws {
+            assert_eq!(l.per_seed.len(), 3);
+            assert!(l.exponent.mean > 0.0, "{l:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(&report, &plan, dir.path()).unwrap();
+        assert!(written.iter().any(|p| p.ends_with("cbs_seeds.csv")));
+        assert!(written.iter().any(|p| p.ends_with("laws_seeds.csv")));
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## Critical batch size over seeds"));
+        // One seed: nothing over seeds.
+        let single = build_from(
+            &SweepSpec::parse(SPEC).unwrap().plan().unwrap(),
+            synthetic(&SweepSpec::parse(SPEC).unwrap().plan().unwrap()),
+        )
+        .unwrap();
+        assert!(single.seed_cbs.is_empty() && single.seed_laws.is_empty());
+    }
+
+    #[test]
+    fn lr_plots_cap_blown_up_losses() {
+        let series = |pts: Vec<(f64, f64)>| {
+            vec![LrSeries {
+                label: "x".into(),
+                points: pts,
+                bars: Vec::new(),
+            }]
+        };
+        let calm = series(vec![(1e-3, 2.4), (1e-2, 2.2), (1e-1, 3.0)]);
+        assert_eq!(lr_plot_cap(&calm), None);
+        let blown = series(vec![
+            (1e-3, 2.4),
+            (1e-2, 2.0),
+            (1e-1, 429.0),
+            (1.0, f64::INFINITY),
+        ]);
+        assert_eq!(lr_plot_cap(&blown), Some(3.0));
+        assert_eq!(lr_plot_cap(&series(vec![(1e-3, f64::INFINITY)])), None);
     }
 }

@@ -84,7 +84,8 @@
 //! warm-up, a fraction of the Chinchilla step count at that batch size. `precondition_frequency`
 //! sets `round(reference_frequency × reference_batch / B)` (at least 1), as the SOAP paper's
 //! batch-size experiment does. A rule applies to every optimizer that has its field, or to
-//! those listed in `optimizers = [labels]`. A field set by an axis cannot also be set by a rule;
+//! those listed in `optimizers = [labels]`; an optional field that is unset by default (such
+//! as AdEMAMix's `beta3_warmup`) counts only where the optimizer's `config` gives it. A field set by an axis cannot also be set by a rule;
 //! in particular a budget axis sets the run length, so no rule may set `train.steps` or
 //! `train.tokens` next to it.
 //!
@@ -842,6 +843,7 @@ impl SweepSpec {
             None => 0,
         };
         let seeds = self.seeds.clone().unwrap_or_else(|| vec![base_seed]);
+        self.check_run_count(models.len(), budgets.len(), seeds.len())?;
         let mut runs: Vec<PlannedRun> = Vec::new();
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for model in &models {
@@ -895,6 +897,38 @@ impl SweepSpec {
             spec: self.clone(),
             runs,
         })
+    }
+
+    /// Refuses a sweep of more than [`MAX_RUNS`] runs before expanding it: the product of the
+    /// axes' lengths is counted without overflow, so a file whose axes multiply to an absurd
+    /// number is an error rather than an expansion that never ends or exhausts memory.
+    fn check_run_count(&self, models: usize, budgets: usize, seeds: usize) -> Result<()> {
+        let mut total: Option<usize> = Some(0);
+        for opt in &self.optimizers {
+            let per_opt = self
+                .set
+                .iter()
+                .chain(opt.set.iter())
+                .try_fold(1usize, |n, a| n.checked_mul(a.values.len()))
+                .and_then(|n| n.checked_mul(self.batch_sizes.len()))
+                .and_then(|n| n.checked_mul(opt.lr.len()))
+                .and_then(|n| n.checked_mul(seeds));
+            total = total.zip(per_opt).and_then(|(t, n)| t.checked_add(n));
+        }
+        let total = total
+            .and_then(|n| n.checked_mul(models))
+            .and_then(|n| n.checked_mul(budgets));
+        match total {
+            Some(n) if n <= MAX_RUNS => Ok(()),
+            _ => Err(Error::config(
+                "sweep",
+                format!(
+                    "{} runs (the product of the axes' lengths): more than the {MAX_RUNS} a \
+                     sweep may hold; split it into several files",
+                    total.map_or_else(|| "over 2^64".to_string(), |n| n.to_string())
+                ),
+            )),
+        }
     }
 
     /// The run-config table of one point of the sweep.
@@ -974,7 +1008,9 @@ impl SweepSpec {
                 .get("name")
                 .and_then(|v| v.as_str())
                 .unwrap_or_default();
-            if !optimizer_has(name, key)? {
+            // Optional fields (e.g. AdEMAMix's `beta3_warmup`) are absent from the defaults;
+            // the optimizer's own table giving one counts as having it.
+            if !optimizer_has(name, key)? && !opt.config.contains_key(key) {
                 if listed {
                     return Err(Error::config(
                         format!("{}.optimizers", rule.name),
@@ -1160,6 +1196,9 @@ fn combinations(axes: &[&SetAxis]) -> Vec<Vec<toml::Value>> {
     }
     out
 }
+
+/// The most runs a sweep may expand to (see [`SweepSpec::plan`]).
+pub const MAX_RUNS: usize = 100_000;
 
 /// Reads sorted `(x, y)` points at `x` (see [`Interpolate`]).
 pub fn lookup(points: &[(f64, f64)], x: f64, how: Interpolate) -> f64 {
@@ -1740,6 +1779,40 @@ config = { name = "soap" }
         .unwrap_err()
         .to_string();
         assert!(err.contains("rules[0].optimizers"), "{err}");
+    }
+
+    #[test]
+    fn rules_set_optional_fields_the_optimizer_table_gives() {
+        let spec = |cfg: &str| {
+            format!(
+                "{BASE}[[optimizers]]\nlr = [1e-3]\nconfig = {{ name = \"ademamix\"{cfg} }}\n\
+                 [axes]\nbatch_size = [4, 64]\n[[rules]]\nkind = \"table\"\n\
+                 field = \"optimizer.beta3_warmup\"\npoints = [[4, 600], [64, 120]]\n\
+                 interpolate = \"step\"\noptimizers = [\"ademamix\"]\n"
+            )
+        };
+        // Unset by default: the listed optimizer does not have it.
+        let err = SweepSpec::parse(&spec(""))
+            .unwrap()
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rules[0].optimizers") && err.contains("beta3_warmup"),
+            "{err}"
+        );
+        // Given in the optimizer's table: the rule replaces it per batch size.
+        let p = SweepSpec::parse(&spec(", beta3_warmup = 1"))
+            .unwrap()
+            .plan()
+            .unwrap();
+        let warmup = |b: usize| {
+            let r = p.runs.iter().find(|r| r.coords.batch_size == b).unwrap();
+            toml::Table::try_from(&r.config.optimizer).unwrap()["beta3_warmup"]
+                .as_integer()
+                .unwrap()
+        };
+        assert_eq!((warmup(4), warmup(64)), (600, 120));
     }
 
     #[test]

@@ -36,11 +36,52 @@ pub fn tuned(name: &str) -> Option<&'static str> {
     })
 }
 
-/// The config of `name` with its [`tuned`] hyperparameters.
-pub fn config(name: &str) -> OptimConfig {
-    let fragment = tuned(name).unwrap_or_else(|| panic!("{name} has no entry in the test table"));
+/// Variants of a registered optimizer that the generic suites run beside the registered names:
+/// `(label, optimizer name, TOML fragment)`. Shampoo's preconditioner kinds share its name.
+pub const VARIANTS: &[(&str, &str, &str)] = &[
+    (
+        "shampoo_eigenvalue_corrected",
+        "shampoo",
+        "lr = 0.02\nbetas = [0.9, 0.95]\nepsilon = 1e-8\npreconditioner = \"eigenvalue_corrected\"\nprecondition_frequency = 2\nstart_preconditioning_step = 2",
+    ),
+    (
+        "shampoo_eigenvalue_corrected_qr",
+        "shampoo",
+        "lr = 0.02\nbetas = [0.9, 0.95]\nepsilon = 1e-8\npreconditioner = \"eigenvalue_corrected\"\nprecondition_frequency = 2\nstart_preconditioning_step = 2\namortized_computation_config = { type = \"qr\" }\nignored_basis_change_dims = { 1 = [0] }",
+    ),
+    (
+        "shampoo_root_inv_kl",
+        "shampoo",
+        "lr = 0.02\nbetas = [0.9, 0.95]\nepsilon = 1e-8\npreconditioner = \"root_inv_kl\"\ntarget_parameter_dimensionality = \"inf\"\nprecondition_frequency = 2\nstart_preconditioning_step = 2\ngrafting_config = { type = \"adam\", beta2 = 0.95, epsilon = 1e-8 }",
+    ),
+    (
+        "shampoo_eigendecomposed_kl",
+        "shampoo",
+        "lr = 0.02\nbetas = [0.9, 0.95]\nepsilon = 1e-8\npreconditioner = \"eigendecomposed_kl\"\ntarget_parameter_dimensionality = \"inf\"\nprecondition_frequency = 2\nstart_preconditioning_step = 2\ngrafting_config = { type = \"adam\", beta2 = 0.95, epsilon = 1e-8 }",
+    ),
+];
+
+/// Every registered optimizer name, then every [`VARIANTS`] label.
+pub fn labels() -> Vec<&'static str> {
+    OptimConfig::NAMES
+        .iter()
+        .copied()
+        .chain(VARIANTS.iter().map(|v| v.0))
+        .collect()
+}
+
+/// The config of `label` (a registered name with its [`tuned`] hyperparameters, or a
+/// [`VARIANTS`] label).
+pub fn config(label: &str) -> OptimConfig {
+    let (name, fragment) = match VARIANTS.iter().find(|v| v.0 == label) {
+        Some(&(_, name, fragment)) => (name, fragment),
+        None => (
+            label,
+            tuned(label).unwrap_or_else(|| panic!("{label} has no entry in the test table")),
+        ),
+    };
     OptimConfig::from_toml(&format!("name = \"{name}\"\n{fragment}"))
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .unwrap_or_else(|e| panic!("{label}: {e}"))
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -162,6 +203,16 @@ pub fn kernel_cases() -> Vec<(String, u64)> {
         ("adamw", "lr = 0.02\nweight_decay = 0.1", 3),
         ("adamw", "lr = 0.02\namsgrad = true\nmaximize = true", 3),
         ("lion", "lr = 0.003\nweight_decay = 0.5", 3),
+        // ADOPT: the first call (v only), then decoupled decay with the clip; coupled L2,
+        // maximize and no clip.
+        ("adopt", "lr = 0.02\nweight_decay = 0.1\ndecouple = true", 4),
+        // Cautious AdamW: moments and mask, the count, the masked update.
+        ("cautious_adamw", "lr = 0.02\nweight_decay = 0.1", 3),
+        (
+            "adopt",
+            "lr = 0.02\nweight_decay = 0.05\nclip = false\nmaximize = true",
+            3,
+        ),
         ("signum", "lr = 0.003", 3),
         (
             "ademamix",

@@ -16,10 +16,9 @@
 //! being kept between the passes.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
-use super::{
-    check_float, for_row_blocks, for_row_blocks_sum, op_err, slice, tensor, with_data, Elem,
-};
+use super::{check_float, for_row_blocks, op_err, slice, tensor, threads, with_data, Elem};
 use crate::error::{Error, Result};
 
 const NAME: &str = "fused layer_norm";
@@ -131,18 +130,29 @@ impl LayerNorm {
         y
     }
 
+    /// The gradients `(dx, dw)`. `dw[j] = Σ_rows g·x̂` is summed over the rows in order for
+    /// every column, whatever the thread count (threads split the columns, never the rows of a
+    /// sum), so the result is the same bits on any number of threads.
     fn bwd_t<T: Elem>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
         let d = w.len();
+        let rows = x.len() / d.max(1);
         let inv_d = T::from_f64(1.0 / d as f64);
+        // Mean and 1/σ of every row, once.
+        let mut st = vec![T::ZERO; 2 * rows];
+        for_row_blocks(&mut st, 2, |row0, out| {
+            for (i, s) in out.chunks_exact_mut(2).enumerate() {
+                let (mean, r) = stats(&x[(row0 + i) * d..(row0 + i + 1) * d], self.eps);
+                s[0] = mean;
+                s[1] = r;
+            }
+        });
         let mut dx = vec![T::ZERO; x.len()];
-        let dw = for_row_blocks_sum(&mut dx, d, d, |row0, out, dw| {
+        for_row_blocks(&mut dx, d, |row0, out| {
             for (i, dxr) in out.chunks_exact_mut(d).enumerate() {
-                let base = (row0 + i) * d;
+                let row = row0 + i;
+                let base = row * d;
                 let (xr, gr) = (&x[base..base + d], &g[base..base + d]);
-                let (mean, r) = stats(xr, self.eps);
-                for ((dwj, &gj), &xj) in dw.iter_mut().zip(gr).zip(xr) {
-                    *dwj += gj * ((xj - mean) * r);
-                }
+                let (mean, r) = (st[2 * row], st[2 * row + 1]);
                 // Σ ĝ and Σ ĝ·x̂ (the gain folded into g as ĝ = g ⊙ w).
                 let sum_g = sum2(gr, w, |g, w| g * w);
                 let sum_gx = sum3(xr, gr, w, |x, g, w| g * w * (x - mean)) * r;
@@ -153,6 +163,26 @@ impl LayerNorm {
                 }
             }
         });
+        let mut dw = vec![T::ZERO; d];
+        let column_sums = |j0: usize, out: &mut [T]| {
+            for row in 0..rows {
+                let base = row * d + j0;
+                let (mean, r) = (st[2 * row], st[2 * row + 1]);
+                let (xr, gr) = (&x[base..base + out.len()], &g[base..base + out.len()]);
+                for ((dwj, &gj), &xj) in out.iter_mut().zip(gr).zip(xr) {
+                    *dwj += gj * ((xj - mean) * r);
+                }
+            }
+        };
+        let n = threads();
+        if n == 1 || x.len() < 32 * 1024 || d < 2 {
+            column_sums(0, &mut dw);
+        } else {
+            let cols = d.div_ceil(n);
+            dw.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, out)| column_sums(i * cols, out));
+        }
         (dx, dw)
     }
 }

@@ -211,39 +211,6 @@ fn for_row_blocks<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [
         .for_each(|(i, chunk)| f(i * block, chunk));
 }
 
-/// Sums `partial(first_row, rows, acc)` over row blocks of `out` like [`for_row_blocks`], each
-/// block accumulating into its own `acc` of `acc_len` zeros; returns the sum of the `acc`s.
-fn for_row_blocks_sum<T: Elem>(
-    out: &mut [T],
-    width: usize,
-    acc_len: usize,
-    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
-) -> Vec<T> {
-    let rows = out.len() / width.max(1);
-    let n = threads();
-    let mut total = vec![T::ZERO; acc_len];
-    if n == 1 || rows < 2 || out.len() < 32 * 1024 {
-        f(0, out, &mut total);
-        return total;
-    }
-    let block = rows.div_ceil(4 * n).max(1);
-    let partials: Vec<Vec<T>> = out
-        .par_chunks_mut(block * width)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let mut acc = vec![T::ZERO; acc_len];
-            f(i * block, chunk, &mut acc);
-            acc
-        })
-        .collect();
-    for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
-        }
-    }
-    total
-}
-
 #[cfg(test)]
 pub(crate) mod check {
     //! Comparison helpers for the op tests.

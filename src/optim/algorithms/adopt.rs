@@ -26,14 +26,15 @@
 //! `torch-adopt` 0.1.0). `pytorch_optimizer` 4.1.0's `ADOPT` clips at `t^0.25` (one step later)
 //! and decays on the first call too; this follows the authors'.
 //!
-//! On a CUDA device the pass runs on the host (`fused::zip_mut`, docs/cuda.md).
+//! On a CUDA device the passes are the `adopt_init` and `adopt` kernels (kernels/fused.cu),
+//! which round like the loops below.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{vectorized, zip_mut, Float};
+use crate::optim::fused::{vectorized, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -122,7 +123,9 @@ impl Adopt {
         let (m, v) = (state.tensor("exp_avg")?, state.tensor("exp_avg_sq")?);
         let outs = [param.as_tensor(), m, v];
         if k == 0 {
-            return zip_mut::<T>(&outs, &[grad], move |o, i| {
+            let scalars = [sign, l2];
+            let kernel = Kernel::new("adopt_init", &scalars);
+            return zip_mut_or_kernel::<T>(kernel, &outs, &[grad], move |o, i| {
                 let [p, _, v] = o else {
                     unreachable!("three outputs")
                 };
@@ -150,7 +153,9 @@ impl Adopt {
         let w1 = T::of(1.0 - c.betas.0);
         let (b2, c2) = (T::of(c.betas.1), T::of(1.0 - c.betas.1));
         let neg_lr = T::of(-ctx.lr);
-        zip_mut::<T>(&outs, &[grad], move |o, i| {
+        let scalars = [sign, l2, neg_decay, eps, clip, w1, b2, c2, neg_lr];
+        let kernel = Kernel::new("adopt", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &outs, &[grad], move |o, i| {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
             };

@@ -31,14 +31,16 @@
 //! timm's `AdamWLegacy(caution=True)` computes the same.
 //!
 //! The mask's mean needs the whole tensor before the update, so the pass reads the operands
-//! twice; on a CUDA device it runs on the host (`fused::zip_mut`, docs/cuda.md).
+//! twice. On a CUDA device that is two kernels (kernels/fused.cu): `cautious_moments` writes the
+//! moments and a 0/1 mask, the mask is counted (an exact sum of integers in f64), and
+//! `cautious_update` takes the step with the count's fraction.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Result};
 use crate::optim::config::{hyper_accessors, RuleConfig};
-use crate::optim::fused::{vectorized, zip_mut, Float};
+use crate::optim::fused::{kernels_run, vectorized, zip_mut, zip_mut_or_kernel, Float, Kernel};
 use crate::optim::params::ParamMeta;
 use crate::optim::rule::{expect_state_shape, Rule, StepCtx};
 use crate::optim::state::State;
@@ -123,6 +125,15 @@ impl CautiousAdamW {
         let decay = T::of(1.0 - ctx.lr * ctx.weight_decay);
         let floor = T::of(MIN_KEPT_FRACTION);
         let (m, v) = (state.tensor("exp_avg")?, state.tensor("exp_avg_sq")?);
+        if kernels_run(param.as_tensor()) {
+            return self.update_by_kernels::<T>(
+                param,
+                grad,
+                m,
+                v,
+                [w1, w2, bc2_sqrt, eps, step_size, decay],
+            );
+        }
         zip_mut::<T>(&[param.as_tensor(), m, v], &[grad], move |o, i| {
             let [p, m, v] = o else {
                 unreachable!("three outputs")
@@ -146,7 +157,7 @@ impl CautiousAdamW {
             if p.is_empty() {
                 return Ok(());
             }
-            let s = num_traits::Float::max(T::of(kept as f64) / T::of(p.len() as f64), floor);
+            let s = kept_fraction(kept, p.len(), floor);
             // Pass 2: decay, then the masked step.
             vectorized! { for (((p, &m), &v), &g) in p.iter_mut().zip(m.iter()).zip(v.iter()).zip(g) {
                 let masked = if m * g > T::zero() { m } else { T::zero() };
@@ -156,6 +167,71 @@ impl CautiousAdamW {
             Ok(())
         })
     }
+
+    /// The same step as two kernels with the mask counted between them (CUDA, or the kernels
+    /// emulated on the host). Each kernel's CPU body is the matching half of the fused loop.
+    fn update_by_kernels<T: Float>(
+        &self,
+        param: &Var,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        [w1, w2, bc2_sqrt, eps, step_size, decay]: [T; 6],
+    ) -> Result<()> {
+        let mask = m.zeros_like()?;
+        let scalars = [w1, w2];
+        let kernel = Kernel::new("cautious_moments", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[m, v, &mask], &[grad], move |o, i| {
+            let [m, v, mask] = o else {
+                unreachable!("three outputs")
+            };
+            for (((m, v), mask), &g) in m
+                .iter_mut()
+                .zip(v.iter_mut())
+                .zip(mask.iter_mut())
+                .zip(i[0])
+            {
+                *m = lerp(*m, g, w1);
+                *v = lerp(*v, g * g, w2);
+                *mask = if *m * g > T::zero() {
+                    T::one()
+                } else {
+                    T::zero()
+                };
+            }
+            Ok(())
+        })?;
+        let n = param.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        // A sum of zeros and ones below 2^53 is exact in any order.
+        let kept = mask
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()? as usize;
+        let s = kept_fraction(kept, n, T::of(MIN_KEPT_FRACTION));
+        let scalars = [decay, bc2_sqrt, eps, step_size, s];
+        let kernel = Kernel::new("cautious_update", &scalars);
+        zip_mut_or_kernel::<T>(kernel, &[param.as_tensor(), m, v], &[grad], move |o, i| {
+            let [p, m, v] = o else {
+                unreachable!("three outputs")
+            };
+            for (((p, &mut m), &mut v), &g) in
+                p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(i[0])
+            {
+                let masked = if m * g > T::zero() { m } else { T::zero() };
+                let d = v.sqrt() / bc2_sqrt + eps;
+                *p = *p * decay - ((masked / d) * step_size) / s;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `max(kept / n, floor)` in the working precision, as the reference computes the mask's mean.
+fn kept_fraction<T: Float>(kept: usize, n: usize, floor: T) -> T {
+    num_traits::Float::max(T::of(kept as f64) / T::of(n as f64), floor)
 }
 
 impl Rule for CautiousAdamW {

@@ -45,6 +45,9 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check, Error, Result};
+
+/// The most Newton–Schulz iterations a config may ask for.
+pub const MAX_NS_STEPS: u64 = 100;
 use crate::optim::adamw::AdamStep;
 use crate::optim::config::{hyper_accessors, RuleConfig};
 use crate::optim::fused::{flag, zip_mut_or_kernel, Float, Kernel};
@@ -149,6 +152,16 @@ impl RuleConfig for MuonConfig {
         check::non_negative("muon.weight_decay", self.weight_decay)?;
         check::unit_interval("muon.momentum", self.momentum)?;
         check::at_least_one("muon.ns_steps", self.ns_steps)?;
+        if self.ns_steps > MAX_NS_STEPS {
+            return Err(Error::config(
+                "muon.ns_steps",
+                format!(
+                    "{} iterations: at most {MAX_NS_STEPS} (the iteration converges in about 5; \
+                     each costs three matrix products per parameter and step)",
+                    self.ns_steps
+                ),
+            ));
+        }
         check::non_negative("muon.adam_lr", self.adam_lr)?;
         check::unit_interval("muon.adam_betas[0]", self.adam_betas.0)?;
         check::unit_interval("muon.adam_betas[1]", self.adam_betas.1)?;

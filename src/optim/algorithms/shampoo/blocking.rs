@@ -2,7 +2,7 @@
 //! `merge_small_dims`), the blocks of at most `max_preconditioner_dim` per side cut from it,
 //! which view dims carry a factor, and the state keys of each block's matrices.
 
-use super::config::{DimLimit, ShampooConfig};
+use super::config::{DimLimit, PreconditionerKind, ShampooConfig};
 use crate::error::Result;
 use crate::optim::kron::{Blocks, KronLayout};
 
@@ -37,7 +37,8 @@ pub fn merge_small_dims(shape: &[usize], threshold: usize, target: usize) -> Vec
 pub(super) struct Plan {
     pub(super) layout: KronLayout,
     pub(super) blocks: Blocks,
-    /// The root `1/e_k` of every view dim (`None`: not preconditioned).
+    /// The root `1/e_k` of every view dim (`None`: not preconditioned). Eigenvalue-corrected:
+    /// `Some(1/e)` with the block's one exponent for every rotated dim, `None` for ignored ones.
     pub(super) roots: Vec<Option<f64>>,
 }
 
@@ -50,10 +51,15 @@ impl ShampooConfig {
             DimLimit::Finite(target) => merge_small_dims(shape, limit, target),
         };
         let order = dims.len();
+        let ec = self.preconditioner == PreconditionerKind::EigenvalueCorrected;
         let roots: Vec<Option<f64>> = (0..order)
             .map(|k| {
                 let e = self.inverse_exponent(order, k);
-                (e != 0.0).then(|| 1.0 / e)
+                if ec {
+                    (!self.ignores_basis_change(order, k)).then(|| 1.0 / e)
+                } else {
+                    (e != 0.0).then(|| 1.0 / e)
+                }
             })
             .collect();
         let flags = roots.iter().map(Option::is_some).collect();
@@ -73,6 +79,31 @@ pub(super) fn factor_key(block: usize, k: usize) -> String {
 
 pub(super) fn inv_factor_key(block: usize, k: usize) -> String {
     format!("block{block}.inv_factor_matrix.{k}")
+}
+
+pub(super) fn eigenvectors_key(block: usize, k: usize) -> String {
+    format!("block{block}.factor_matrix_eigenvectors.{k}")
+}
+
+pub(super) fn eigenvalues_key(block: usize, k: usize) -> String {
+    format!("block{block}.factor_matrix_eigenvalues.{k}")
+}
+
+pub(super) fn corrected_eigenvalues_key(block: usize) -> String {
+    format!("block{block}.corrected_eigenvalues")
+}
+
+/// The state keys a block's preconditioned dim `k` owns under `kind` (besides its factor).
+pub(super) fn preconditioner_keys(kind: PreconditionerKind, block: usize, k: usize) -> Vec<String> {
+    match kind {
+        PreconditionerKind::RootInv | PreconditionerKind::RootInvKl => {
+            vec![inv_factor_key(block, k)]
+        }
+        PreconditionerKind::Eigendecomposed | PreconditionerKind::EigendecomposedKl => {
+            vec![eigenvectors_key(block, k), eigenvalues_key(block, k)]
+        }
+        PreconditionerKind::EigenvalueCorrected => vec![eigenvectors_key(block, k)],
+    }
 }
 
 pub(super) fn counter_key(block: usize) -> String {

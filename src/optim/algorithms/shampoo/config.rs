@@ -156,16 +156,104 @@ pub enum IterateAveraging {
     },
 }
 
-/// How inverse roots are computed (the reference's `amortized_computation_config`).
+fn d_qr_iterations() -> usize {
+    1
+}
+
+/// The most QR-algorithm steps one refresh may take.
+pub const MAX_QR_ITERATIONS: usize = 10_000;
+
+/// Which preconditioner Shampoo keeps (DistributedShampoo's `preconditioner_config` classes,
+/// by their snake-case names; the class names are accepted too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PreconditionerKind {
+    /// `RootInvShampooPreconditionerConfig`: factors `F_k ← β2·F_k + w·G_(k)G_(k)ᵀ`, inverse
+    /// roots `P_k` stored at each refresh, direction `Ḡ ×_k P_k`.
+    #[default]
+    #[serde(alias = "RootInvShampooPreconditionerConfig")]
+    RootInv,
+    /// `EigendecomposedShampooPreconditionerConfig`: the same factors, `(λ_k, Q_k)` stored at
+    /// each refresh and `P_k` rebuilt from them (with the ε shift rule) at every use.
+    #[serde(alias = "EigendecomposedShampooPreconditionerConfig")]
+    Eigendecomposed,
+    /// `EigenvalueCorrectedShampooPreconditionerConfig` (DistributedShampoo's SOAP): Adam run in
+    /// the eigenbasis `Q_k` of the factors, with one block-shaped second moment `C`.
+    #[serde(alias = "EigenvalueCorrectedShampooPreconditionerConfig")]
+    EigenvalueCorrected,
+    /// `RootInvKLShampooPreconditionerConfig`: KL-Shampoo's factor update (the gradient whitened
+    /// by the other dims' current roots before the outer product), roots as `root_inv`.
+    #[serde(alias = "RootInvKLShampooPreconditionerConfig")]
+    RootInvKl,
+    /// `EigendecomposedKLShampooPreconditionerConfig`: KL-Shampoo's factor update, roots as
+    /// `eigendecomposed`.
+    #[serde(alias = "EigendecomposedKLShampooPreconditionerConfig")]
+    EigendecomposedKl,
+}
+
+impl PreconditionerKind {
+    /// Factor updates whiten the gradient with the other dims' roots.
+    pub fn is_kl(self) -> bool {
+        matches!(
+            self,
+            PreconditionerKind::RootInvKl | PreconditionerKind::EigendecomposedKl
+        )
+    }
+
+    /// `(λ_k, Q_k)` are stored instead of inverse roots.
+    pub fn is_eigendecomposed(self) -> bool {
+        matches!(
+            self,
+            PreconditionerKind::Eigendecomposed | PreconditionerKind::EigendecomposedKl
+        )
+    }
+
+    /// The reference's class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            PreconditionerKind::RootInv => "RootInvShampooPreconditionerConfig",
+            PreconditionerKind::Eigendecomposed => "EigendecomposedShampooPreconditionerConfig",
+            PreconditionerKind::EigenvalueCorrected => {
+                "EigenvalueCorrectedShampooPreconditionerConfig"
+            }
+            PreconditionerKind::RootInvKl => "RootInvKLShampooPreconditionerConfig",
+            PreconditionerKind::EigendecomposedKl => "EigendecomposedKLShampooPreconditionerConfig",
+        }
+    }
+}
+
+/// How inverse roots or eigenbases are computed (the reference's
+/// `amortized_computation_config`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AmortizedComputation {
-    /// `EigenConfig` with `PerturbationConfig`: eigendecomposition of `A + εI` (or of `A`, then
-    /// shifted, without `perturb_before_computation`).
+    /// `EigenConfig` / `EighEigendecompositionConfig` with `PerturbationConfig`: full
+    /// eigendecomposition of `A + εI` (or of `A`, then shifted, without
+    /// `perturb_before_computation`).
     Eigen {
         /// Add `εI` before the decomposition (default true).
         #[serde(default = "d_true")]
         perturb_before_computation: bool,
+        /// Adaptive refresh ("Purifying Shampoo"; eigendecomposed and eigenvalue-corrected
+        /// preconditioners only): the decomposition is skipped, keeping the basis, when
+        /// `B = Qᵀ(A + εI)Q` has `‖B − diag B‖_F ≤ tolerance·‖B‖_F`. Default 0: never skipped
+        /// unless `B` is exactly diagonal.
+        #[serde(default)]
+        tolerance: f64,
+    },
+    /// `QREigendecompositionConfig` (eigendecomposed and eigenvalue-corrected preconditioners
+    /// only): up to `max_iterations` steps of the QR algorithm on `B = Q_oldᵀ(A + εI)Q_old`,
+    /// warm-started at the stored basis, then sorted by ascending `diag B`.
+    Qr {
+        /// Add `εI` before the iteration (default true).
+        #[serde(default = "d_true")]
+        perturb_before_computation: bool,
+        /// QR-algorithm steps per refresh (default 1).
+        #[serde(default = "d_qr_iterations")]
+        max_iterations: usize,
+        /// Stop early once `‖B − diag B‖_F ≤ tolerance·‖B‖_F` (default 0).
+        #[serde(default)]
+        tolerance: f64,
     },
     /// `EigenConfig` with `PseudoInverseConfig` (needs `epsilon = 0`): eigenvalues at or below
     /// `max(rank_atol, rank_rtol·λmax)` map to 0.
@@ -192,15 +280,36 @@ impl Default for AmortizedComputation {
     fn default() -> Self {
         AmortizedComputation::Eigen {
             perturb_before_computation: true,
+            tolerance: 0.0,
         }
     }
 }
 
 impl AmortizedComputation {
+    /// The perturbation rule of an eigendecomposition (eigh or QR).
+    pub(super) fn perturb_before(&self) -> bool {
+        match *self {
+            AmortizedComputation::Eigen {
+                perturb_before_computation,
+                ..
+            }
+            | AmortizedComputation::Qr {
+                perturb_before_computation,
+                ..
+            } => perturb_before_computation,
+            _ => true,
+        }
+    }
+
     pub(super) fn method(&self) -> RootMethod {
         match *self {
             AmortizedComputation::Eigen {
                 perturb_before_computation,
+                ..
+            }
+            | AmortizedComputation::Qr {
+                perturb_before_computation,
+                ..
             } => RootMethod::Eigen(Stability::Perturbation {
                 perturb_before: perturb_before_computation,
             }),
@@ -244,6 +353,18 @@ pub enum ExponentOverride {
 /// precondition_frequency = 10
 /// grafting_config = { type = "adam", beta2 = 0.999, epsilon = 1e-8 }
 /// inverse_exponent_override = { 2 = 0.5 }     # the "1/2 power" variant
+/// ```
+///
+/// The preconditioner variants take the same table plus `preconditioner`:
+///
+/// ```toml
+/// name = "shampoo"
+/// preconditioner = "eigenvalue_corrected"   # or root_inv_kl, eigendecomposed_kl, eigendecomposed
+/// betas = [0.9, 0.95]
+/// epsilon = 1e-8
+/// precondition_frequency = 10
+/// amortized_computation_config = { type = "qr" }   # DistributedShampoo's DefaultSOAPConfig
+/// ignored_basis_change_dims = { 1 = [0] }          # Adam (no rotation) on vectors
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -294,6 +415,19 @@ pub struct ShampooConfig {
     pub trace_scaling_exponent: f64,
     /// Factor EMA without the `(1−β2)` weight (and then without bias correction).
     pub drop_weighting_factor_on_gsquare: bool,
+    /// Which preconditioner is kept (`root_inv` by default).
+    #[serde(alias = "preconditioner_config")]
+    pub preconditioner: PreconditionerKind,
+    /// Eigenvalue-corrected only: per tensor order, the dims that are not rotated (they get
+    /// no factor; `C` keeps the full block shape).
+    pub ignored_basis_change_dims: BTreeMap<String, Vec<usize>>,
+    /// Precision of the stored eigenbases `Q_k` (eigendecomposed and eigenvalue-corrected) and
+    /// of the rotations by them.
+    pub factor_matrix_eigenvectors_dtype: FactorDtype,
+    /// Precision of the stored eigenvalues `λ_k` (eigendecomposed).
+    pub factor_matrix_eigenvalues_dtype: FactorDtype,
+    /// Precision of the corrected eigenvalues `C` (eigenvalue-corrected).
+    pub corrected_eigenvalues_dtype: FactorDtype,
 }
 
 impl Default for ShampooConfig {
@@ -320,6 +454,11 @@ impl Default for ShampooConfig {
             use_trace_scaling: false,
             trace_scaling_exponent: 0.5,
             drop_weighting_factor_on_gsquare: false,
+            preconditioner: PreconditionerKind::RootInv,
+            ignored_basis_change_dims: BTreeMap::new(),
+            factor_matrix_eigenvectors_dtype: FactorDtype::Float32,
+            factor_matrix_eigenvalues_dtype: FactorDtype::Float32,
+            corrected_eigenvalues_dtype: FactorDtype::Float32,
         }
     }
 }
@@ -344,8 +483,13 @@ impl ShampooConfig {
     }
 
     /// The inverse exponent of dim `dim` of an order-`order` block (0: not preconditioned).
+    /// Eigenvalue-corrected: the exponent of the whole block's `C` (default 1/2).
     pub fn inverse_exponent(&self, order: usize, dim: usize) -> f64 {
-        let default = 1.0 / (2.0 * order.max(1) as f64);
+        let default = if self.preconditioner == PreconditionerKind::EigenvalueCorrected {
+            0.5
+        } else {
+            1.0 / (2.0 * order.max(1) as f64)
+        };
         match self.inverse_exponent_override.get(&order.to_string()) {
             None => default,
             Some(ExponentOverride::All(e)) => *e,
@@ -353,6 +497,115 @@ impl ShampooConfig {
                 m.get(&dim.to_string()).copied().unwrap_or(default)
             }
         }
+    }
+
+    /// Eigenvalue-corrected: dim `dim` of an order-`order` block keeps the identity basis.
+    pub fn ignores_basis_change(&self, order: usize, dim: usize) -> bool {
+        self.ignored_basis_change_dims
+            .get(&order.to_string())
+            .is_some_and(|dims| dims.contains(&dim))
+    }
+
+    /// The checks that depend on the preconditioner kind.
+    fn validate_preconditioner(&self) -> Result<()> {
+        let kind = self.preconditioner;
+        let field = "shampoo.amortized_computation_config";
+        let ec = kind == PreconditionerKind::EigenvalueCorrected;
+        let check_tolerance = |tolerance: f64| -> Result<()> {
+            if tolerance.is_finite() && tolerance >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    format!("{field}.tolerance"),
+                    format!("must be finite and >= 0, got {tolerance}"),
+                ))
+            }
+        };
+        match self.amortized_computation_config {
+            AmortizedComputation::Eigen { tolerance, .. } => {
+                check_tolerance(tolerance)?;
+                if tolerance != 0.0 && !(ec || kind.is_eigendecomposed()) {
+                    return Err(Error::config(
+                        format!("{field}.tolerance"),
+                        format!(
+                            "an adaptive refresh (tolerance > 0) needs an eigendecomposed or \
+                             eigenvalue-corrected preconditioner; `{}` stores inverse roots",
+                            kind.class_name()
+                        ),
+                    ));
+                }
+            }
+            AmortizedComputation::Qr {
+                max_iterations,
+                tolerance,
+                ..
+            } => {
+                if !(ec || kind.is_eigendecomposed()) {
+                    return Err(Error::config(
+                        field,
+                        format!(
+                            "the QR eigendecomposition needs an eigendecomposed or \
+                             eigenvalue-corrected preconditioner, not `{}`",
+                            kind.class_name()
+                        ),
+                    ));
+                }
+                check::at_least_one(&format!("{field}.max_iterations"), max_iterations as u64)?;
+                // The reference takes any count; a few per refresh is the design (warm starts
+                // carry the convergence across refreshes), and a huge one would stall a step.
+                if max_iterations > MAX_QR_ITERATIONS {
+                    return Err(Error::config(
+                        format!("{field}.max_iterations"),
+                        format!("must be at most {MAX_QR_ITERATIONS}, got {max_iterations}"),
+                    ));
+                }
+                check_tolerance(tolerance)?;
+            }
+            AmortizedComputation::PseudoInverse { .. }
+            | AmortizedComputation::CoupledNewton { .. } => {
+                let allowed = match self.amortized_computation_config {
+                    AmortizedComputation::PseudoInverse { .. } => !ec,
+                    _ => !ec && !kind.is_eigendecomposed(),
+                };
+                if !allowed {
+                    return Err(Error::config(
+                        field,
+                        format!(
+                            "`{}` takes an eigendecomposition (type = \"eigen\" or \"qr\")",
+                            kind.class_name()
+                        ),
+                    ));
+                }
+            }
+        }
+        if ec {
+            for (order, value) in &self.inverse_exponent_override {
+                if let ExponentOverride::PerDim(_) = value {
+                    return Err(Error::config(
+                        format!("shampoo.inverse_exponent_override.{order}"),
+                        "eigenvalue-corrected Shampoo takes one exponent per tensor order \
+                         (for its whole second moment), not a table per dim",
+                    ));
+                }
+            }
+        }
+        let field = "shampoo.ignored_basis_change_dims";
+        if !ec && !self.ignored_basis_change_dims.is_empty() {
+            return Err(Error::config(
+                field,
+                "only the eigenvalue_corrected preconditioner ignores basis changes",
+            ));
+        }
+        for (order, dims) in &self.ignored_basis_change_dims {
+            let o = tensor_order(field, order)?;
+            if let Some(d) = dims.iter().find(|&&d| d >= o.max(1)) {
+                return Err(Error::config(
+                    format!("{field}.{order}"),
+                    format!("{d} is not a dim of an order-{o} tensor"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_overrides(&self) -> Result<()> {
@@ -368,16 +621,7 @@ impl ShampooConfig {
             }
         };
         for (order, value) in &self.inverse_exponent_override {
-            let o: usize = order
-                .parse()
-                .ok()
-                .filter(|o: &usize| o.to_string() == *order)
-                .ok_or_else(|| {
-                    Error::config(
-                        field,
-                        format!("key `{order}` is not a tensor order (0, 1, 2, ...)"),
-                    )
-                })?;
+            let o = tensor_order(field, order)?;
             match value {
                 ExponentOverride::All(e) => exponent(order, *e)?,
                 ExponentOverride::PerDim(dims) => {
@@ -399,6 +643,19 @@ impl ShampooConfig {
         }
         Ok(())
     }
+}
+
+/// A table key that names a tensor order (`"0"`, `"1"`, …, no sign or leading zeros).
+fn tensor_order(field: &str, key: &str) -> Result<usize> {
+    key.parse()
+        .ok()
+        .filter(|o: &usize| o.to_string() == key)
+        .ok_or_else(|| {
+            Error::config(
+                field,
+                format!("key `{key}` is not a tensor order (0, 1, 2, ...)"),
+            )
+        })
 }
 
 impl RuleConfig for ShampooConfig {
@@ -477,6 +734,7 @@ impl RuleConfig for ShampooConfig {
         }
         self.grafting_config.validate()?;
         self.validate_overrides()?;
+        self.validate_preconditioner()?;
         if let AmortizedComputation::PseudoInverse {
             rank_atol,
             rank_rtol,

@@ -61,14 +61,43 @@
 //! Reference: facebookresearch/optimizers `distributed_shampoo/` @ f606606 (2026-08-05).
 //! The reference keeps lr in a float32 tensor; here lr is used in the parameter's precision.
 //!
+//! **Preconditioner variants** (`preconditioner`, DistributedShampoo's `preconditioner_config`
+//! classes; reference @ f606606, KL-Shampoo: Lin et al. 2025, arXiv 2509.03378):
+//!
+//! ```text
+//! root_inv              (default) as above
+//! eigendecomposed       refresh stores (λ_k, Q_k) = eigh(F_k/bc2 + εI) (or warm-started QR);
+//!                       P_k = Q_k diag(λ'^(−e_k)) Q_kᵀ rebuilt at every use (λ' by the ε shift
+//!                       rule; stored λ start at ones, so P_k = ε^(−e_k)·I before a refresh if ε > 1)
+//! root_inv_kl,          F_k ← β2·F_k + w·H_(k)H_(k)ᵀ,  H = G ×_j P_j over every other dim j,
+//! eigendecomposed_kl    P_j from the last refresh (all outer products before any F_k changes)
+//! eigenvalue_corrected  Q_k refreshed as `eigendecomposed` (ascending columns; QR warm start);
+//!                       C ← β2·C + w·(G ×_k Q_kᵀ)²  with the basis after this step's refresh;
+//!                       S = ((Ḡ ×_k Q_kᵀ) ⊘ ((C/bc2)^e + ε)) ×_k Q_k,  e = 1/2 per block order
+//! ```
+//!
+//! With the default exponents a matrix's KL update whitens by `F^(−1/2)` of the other side
+//! (`P_R` applied once to `G`, so squared in the outer product), not the paper's `F^(−1)`;
+//! `inverse_exponent_override = { 2 = 0.5 }` gives the paper's form. Eigenvalue-corrected
+//! Shampoo's `C` is attached to basis columns by index and never rotated; its ε sits outside the
+//! bias-corrected root (unlike nikhilvyas/SOAP), the first step is not skipped, and 1-D
+//! parameters are rotated by a full factor unless `ignored_basis_change_dims = { 1 = [0] }`.
+//! Extra state: `block<b>.factor_matrix_eigenvectors.<k>`, `block<b>.factor_matrix_eigenvalues.<k>`
+//! (eigendecomposed), `block<b>.corrected_eigenvalues` (block-shaped). There is no KL +
+//! eigenvalue-correction ("KL-SOAP") class in the reference, so none here.
+//!
 //! The code follows those steps, one file each: [`config`] (the hyperparameters and their
-//! checks), [`blocking`] (the view and the blocks of a parameter), [`roots`] (factors and
-//! inverse roots, staged until the step cannot fail any more), [`grafting`] (the grafted
-//! method's state and step size) and [`update`] (filtered gradient, direction, weight decay,
-//! momentum and the parameter update); this file holds the rule that ties them together.
+//! checks), [`blocking`] (the view and the blocks of a parameter), [`roots`] (factors, their KL
+//! whitening, and inverse roots or bases, staged until the step cannot fail any more),
+//! [`eigen`] (eigendecompositions: eigh, the adaptive skip, warm-started QR; roots rebuilt from
+//! them), [`corrected`] (eigenvalue-corrected Shampoo's `C` and direction), [`grafting`] (the
+//! grafted method's state and step size) and [`update`] (filtered gradient, direction, weight
+//! decay, momentum and the parameter update); this file holds the rule that ties them together.
 
 mod blocking;
 mod config;
+mod corrected;
+mod eigen;
 mod grafting;
 mod roots;
 mod update;
@@ -78,10 +107,10 @@ use std::collections::BTreeMap;
 use candle_core::{Tensor, Var};
 
 pub use blocking::merge_small_dims;
-use blocking::{factor_key, inv_factor_key};
+use blocking::{corrected_eigenvalues_key, eigenvalues_key, factor_key, preconditioner_keys};
 pub use config::{
-    AmortizedComputation, DimLimit, ExponentOverride, FactorDtype, IterateAveraging, ShampooConfig,
-    WeightDecayType,
+    AmortizedComputation, DimLimit, ExponentOverride, FactorDtype, IterateAveraging,
+    PreconditionerKind, ShampooConfig, WeightDecayType,
 };
 pub use grafting::Grafting;
 pub use roots::{FAILED, RETRIED};
@@ -150,24 +179,32 @@ impl Rule for Shampoo {
             return Ok(());
         }
         let plan = self.0.plan(&meta.shape)?;
+        let kind = self.0.preconditioner;
+        // Every per-block field must belong to a block and dim of this plan, with its shape.
+        let mut known = std::collections::BTreeSet::new();
         for b in 0..plan.blocks.len() {
             let shape = plan.blocks.block_shape(b);
             for (k, root) in plan.roots.iter().enumerate() {
-                if root.is_some() {
-                    let d = shape[k];
-                    expect_state_shape(meta, state, &factor_key(b, k), &[d, d])?;
-                    expect_state_shape(meta, state, &inv_factor_key(b, k), &[d, d])?;
+                if root.is_none() {
+                    continue;
+                }
+                let d = shape[k];
+                expect_state_shape(meta, state, &factor_key(b, k), &[d, d])?;
+                known.insert(factor_key(b, k));
+                for key in preconditioner_keys(kind, b, k) {
+                    let want: &[usize] = if key == eigenvalues_key(b, k) {
+                        &[d]
+                    } else {
+                        &[d, d]
+                    };
+                    expect_state_shape(meta, state, &key, want)?;
+                    known.insert(key);
                 }
             }
-        }
-        // Every per-block field must belong to a block and dim of this plan.
-        let mut known = std::collections::BTreeSet::new();
-        for b in 0..plan.blocks.len() {
-            for (k, root) in plan.roots.iter().enumerate() {
-                if root.is_some() {
-                    known.insert(factor_key(b, k));
-                    known.insert(inv_factor_key(b, k));
-                }
+            if kind == PreconditionerKind::EigenvalueCorrected {
+                let key = corrected_eigenvalues_key(b);
+                expect_state_shape(meta, state, &key, &shape)?;
+                known.insert(key);
             }
         }
         for key in state.tensors.keys() {
@@ -190,3 +227,5 @@ impl Rule for Shampoo {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod variant_tests;

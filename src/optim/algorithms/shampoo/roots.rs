@@ -1,15 +1,21 @@
-//! Step 1 of the update: the factor matrices' EMA and, when due, their inverse roots, computed
-//! aside ([`Staged`]) and committed only once nothing can fail any more; failed roots keep the
-//! previous root and are counted.
+//! Steps 1–3 of the update: the factor matrices' EMA (KL-Shampoo: of the whitened gradient's
+//! outer products), and, when due, their inverse roots or eigenbases; eigenvalue-corrected
+//! Shampoo's second moment `C` in the (new) basis. All computed aside ([`Staged`]) and committed
+//! only once nothing can fail any more; failed refreshes keep the previous root or basis and
+//! are counted.
 
 use candle_core::{DType, Tensor};
 
-use super::blocking::{counter_key, factor_key, inv_factor_key, Plan};
+use super::blocking::{
+    corrected_eigenvalues_key, counter_key, eigenvalues_key, eigenvectors_key, factor_key,
+    inv_factor_key, Plan,
+};
+use super::config::PreconditionerKind;
 use super::Shampoo;
 use crate::error::{Error, Result};
 use crate::linalg::{self, InverseRoot, LinalgError, Robust};
 use crate::optim::fused::{all_finite, zip_mut_or_kernel, Float, Kernel};
-use crate::optim::kron::{ema_update, mode_gram, FactorEma, Refresh};
+use crate::optim::kron::{ema_update, mode_gram, mode_products, FactorEma, Refresh};
 use crate::optim::params::ParamMeta;
 use crate::optim::state::State;
 use crate::with_float;
@@ -70,7 +76,115 @@ impl Shampoo {
         }
     }
 
-    /// Steps 1 of the update: new factors and, when due, new inverse roots, into `Staged`.
+    /// The factor EMA's weight on a new outer product: `1 − β2`, or 1 (`β2 = 1`, or
+    /// `drop_weighting_factor_on_gsquare`).
+    pub(super) fn factor_weight(&self) -> f64 {
+        let c = &self.0;
+        if c.drop_weighting_factor_on_gsquare || c.betas.1 == 1.0 {
+            1.0
+        } else {
+            1.0 - c.betas.1
+        }
+    }
+
+    /// The factors' (and `C`'s) bias correction `1 − β2^t`, or 1 when it does not apply.
+    pub(super) fn factor_bias_correction(&self, t: u64) -> f64 {
+        let c = &self.0;
+        let beta2 = c.betas.1;
+        if c.use_bias_correction && beta2 < 1.0 && !c.drop_weighting_factor_on_gsquare {
+            1.0 - beta2.powf(t as f64)
+        } else {
+            1.0
+        }
+    }
+
+    /// The dtype roots are applied in: the one they are kept in (the eigenvectors' for the
+    /// eigendecomposed forms).
+    pub(super) fn root_dtype(&self) -> DType {
+        let c = &self.0;
+        if c.preconditioner.is_eigendecomposed() {
+            c.factor_matrix_eigenvectors_dtype.dtype()
+        } else {
+            c.inv_factor_matrix_dtype.dtype()
+        }
+    }
+
+    /// The inverse root `P_k` of block `b`'s dim `k` as the state holds it, in `dtype`: the
+    /// stored root (root-inverse kinds) or the one rebuilt from `(λ_k, Q_k)` (eigendecomposed
+    /// kinds). `None` is the exact identity. Not for eigenvalue-corrected Shampoo.
+    pub(super) fn current_root(
+        &self,
+        state: &State,
+        plan: &Plan,
+        b: usize,
+        k: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
+        let Some(root) = plan.roots[k] else {
+            return Ok(None);
+        };
+        if self.0.preconditioner.is_eigendecomposed() {
+            let n = plan.blocks.block_shape(b)[k];
+            self.root_from_basis(
+                state.tensors.get(&eigenvalues_key(b, k)),
+                state.tensors.get(&eigenvectors_key(b, k)),
+                n,
+                root,
+                dtype,
+                device,
+            )
+        } else {
+            match state.tensors.get(&inv_factor_key(b, k)) {
+                Some(p) => Ok(Some(cast(p, dtype)?)),
+                None => Ok(None),
+            }
+        }
+    }
+
+    /// The outer products folded into block `b`'s factors, all formed before any factor
+    /// changes: `G_(k)G_(k)ᵀ`, or (KL) `H_(k)H_(k)ᵀ` with `H = G ×_j P_j` over every other
+    /// preconditioned dim `j`, `P_j` the roots of the last refresh.
+    fn factor_statistics(
+        &self,
+        plan: &Plan,
+        b: usize,
+        gb: &Tensor,
+        state: &State,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let c = &self.0;
+        let fdt = c.factor_matrix_dtype.dtype();
+        let order = plan.roots.len();
+        if !c.preconditioner.is_kl() {
+            let gf = cast(gb, fdt)?;
+            return (0..order)
+                .map(|k| match plan.roots[k] {
+                    Some(_) => Ok(Some(mode_gram(&gf, k)?)),
+                    None => Ok(None),
+                })
+                .collect();
+        }
+        // The product is cast back to the gradient's dtype.
+        let rdt = self.root_dtype();
+        let roots: Vec<Option<Tensor>> = (0..order)
+            .map(|j| self.current_root(state, plan, b, j, rdt, gb.device()))
+            .collect::<Result<_>>()?;
+        let gr = cast(gb, rdt)?;
+        (0..order)
+            .map(|k| {
+                if plan.roots[k].is_none() {
+                    return Ok(None);
+                }
+                let mut others = roots.clone();
+                others[k] = None;
+                let h = cast(&mode_products(&gr, &others, false)?, gb.dtype())?;
+                Ok(Some(mode_gram(&cast(&h, fdt)?, k)?))
+            })
+            .collect()
+    }
+
+    /// Steps 1–3 of the update: new factors, when due new roots or bases, and (eigenvalue-
+    /// corrected) the new `C`, into `Staged`.
     pub(super) fn stage_preconditioner(
         &self,
         meta: &ParamMeta,
@@ -81,23 +195,12 @@ impl Shampoo {
         t: u64,
     ) -> Result<Staged> {
         let c = &self.0;
+        let kind = c.preconditioner;
         let fdt = c.factor_matrix_dtype.dtype();
-        let idt = c.inv_factor_matrix_dtype.dtype();
-        let (f_store, i_store) = (
-            storage_dtype(fdt, param_dtype),
-            storage_dtype(idt, param_dtype),
-        );
+        let f_store = storage_dtype(fdt, param_dtype);
         let beta2 = c.betas.1;
-        let weight = if c.drop_weighting_factor_on_gsquare || beta2 == 1.0 {
-            1.0
-        } else {
-            1.0 - beta2
-        };
-        let bc2 = if c.use_bias_correction && beta2 < 1.0 && !c.drop_weighting_factor_on_gsquare {
-            1.0 - beta2.powf(t as f64)
-        } else {
-            1.0
-        };
+        let weight = self.factor_weight();
+        let bc2 = self.factor_bias_correction(t);
         let ema = FactorEma::ScaleAdd {
             decay: beta2,
             weight,
@@ -110,11 +213,15 @@ impl Shampoo {
         let mut staged = Staged::default();
         let (mut failed_total, mut retried_total) = (0.0, 0.0);
         for (b, gb) in g_blocks.iter().enumerate() {
-            let gf = cast(gb, fdt)?;
+            let stats = self.factor_statistics(plan, b, gb, state)?;
             let mut failure: Option<String> = None;
             let mut has_factor = false;
+            // Eigenvalue-corrected: the basis each dim has after this step's refresh.
+            let mut bases: Vec<Option<Tensor>> = vec![None; plan.roots.len()];
             for (k, root) in plan.roots.iter().enumerate() {
-                let Some(root) = *root else { continue };
+                let (Some(root), Some(stat)) = (*root, &stats[k]) else {
+                    continue;
+                };
                 has_factor = true;
                 let d = gb.dims()[k];
                 let fkey = factor_key(b, k);
@@ -123,7 +230,7 @@ impl Shampoo {
                     Some(old) => old.to_dtype(fdt)?,
                     None => Tensor::zeros((d, d), fdt, gb.device())?,
                 };
-                ema_update(&factor, &mode_gram(&gf, k)?, ema)?;
+                ema_update(&factor, stat, ema)?;
                 if !all_finite(&factor)? {
                     return Err(Error::Numerical(format!(
                         "shampoo: factor matrix {k} of block {b} of `{}` holds NaN or infinity at \
@@ -132,49 +239,45 @@ impl Shampoo {
                         meta.name, c.factor_matrix_dtype
                     )));
                 }
+                if kind == PreconditionerKind::EigenvalueCorrected {
+                    bases[k] = Some(match state.tensors.get(&eigenvectors_key(b, k)) {
+                        Some(q) => q.clone(),
+                        None => crate::optim::kron::identity(d, fdt, gb.device())?,
+                    });
+                }
                 if amortize {
-                    let mut a = divided(&factor, bc2)?;
-                    if c.use_trace_scaling {
-                        let trace: f64 = a
-                            .to_dtype(DType::F64)?
-                            .to_vec2::<f64>()?
-                            .iter()
-                            .enumerate()
-                            .map(|(i, row)| row[i])
-                            .sum();
-                        let scale = trace.max(c.epsilon).powf(-c.trace_scaling_exponent);
-                        a = a.affine(scale, 0.0)?;
-                    }
-                    match linalg::inverse_root(&a, &self.root_request(root))? {
-                        Robust::Failed {
-                            first: LinalgError::NonFiniteInput,
-                            ..
-                        } => {
+                    let a = self.refresh_input(&factor, bc2)?;
+                    let outcome = self.refresh(&a, root, state, b, k, param_dtype, &mut staged)?;
+                    match outcome {
+                        RefreshOutcome::NonFinite => {
                             return Err(Error::Numerical(format!(
                                 "shampoo: bias-corrected factor matrix {k} of block {b} of `{}` \
                                  holds NaN or infinity at step {t}; nothing was changed",
                                 meta.name
                             )))
                         }
-                        Robust::Failed { first, retry } => {
+                        RefreshOutcome::Failed(reason) => {
                             failed_total += 1.0;
-                            failure = Some(match retry {
-                                Some(r) => format!("factor {k}: {first}; f64 retry: {r}"),
-                                None => format!("factor {k}: {first}"),
-                            });
+                            failure = Some(format!("factor {k}: {reason}"));
                         }
-                        outcome => {
-                            if outcome.was_retried() {
+                        RefreshOutcome::Done { retried, basis } => {
+                            if retried {
                                 retried_total += 1.0;
                             }
-                            let p = outcome.value().expect("not failed");
-                            staged
-                                .tensors
-                                .push((inv_factor_key(b, k), cast(&cast(&p, idt)?, i_store)?));
+                            if let Some(q) = basis {
+                                bases[k] = Some(q);
+                            }
                         }
                     }
                 }
                 staged.tensors.push((fkey, cast(&factor, f_store)?));
+            }
+            if kind == PreconditionerKind::EigenvalueCorrected {
+                let corrected = self.corrected_eigenvalues(gb, &bases, state, b)?;
+                let store = storage_dtype(c.corrected_eigenvalues_dtype.dtype(), param_dtype);
+                staged
+                    .tensors
+                    .push((corrected_eigenvalues_key(b), cast(&corrected, store)?));
             }
             if amortize && has_factor {
                 let key = counter_key(b);
@@ -183,9 +286,10 @@ impl Shampoo {
                         let count = state.scalar(&key) + 1.0;
                         if count > c.num_tolerated_failed_amortized_computations as f64 {
                             return Err(Error::Numerical(format!(
-                                "shampoo: `{}` block {b}: {count} consecutive failed inverse-root \
-                                 computations exceed num_tolerated_failed_amortized_computations \
-                                 = {} at step {t} (last: {reason}); nothing was changed",
+                                "shampoo: `{}` block {b}: {count} consecutive failed \
+                                 amortized computations (inverse roots or eigenbases) exceed \
+                                 num_tolerated_failed_amortized_computations = {} at step {t} \
+                                 (last: {reason}); nothing was changed",
                                 meta.name, c.num_tolerated_failed_amortized_computations
                             )));
                         }
@@ -208,4 +312,94 @@ impl Shampoo {
         }
         Ok(staged)
     }
+
+    /// `A = F/bc2`, scaled by `max(trace A, ε)^(−trace_scaling_exponent)` with trace scaling.
+    fn refresh_input(&self, factor: &Tensor, bc2: f64) -> Result<Tensor> {
+        let c = &self.0;
+        let mut a = divided(factor, bc2)?;
+        if c.use_trace_scaling {
+            let trace: f64 = a
+                .to_dtype(DType::F64)?
+                .to_vec2::<f64>()?
+                .iter()
+                .enumerate()
+                .map(|(i, row)| row[i])
+                .sum();
+            let scale = trace.max(c.epsilon).powf(-c.trace_scaling_exponent);
+            a = a.affine(scale, 0.0)?;
+        }
+        Ok(a)
+    }
+
+    /// One refresh of block `b`'s dim `k` from `a`: the new inverse root, `(λ_k, Q_k)` or
+    /// `Q_k`, pushed to `staged` on success.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &self,
+        a: &Tensor,
+        root: f64,
+        state: &State,
+        b: usize,
+        k: usize,
+        param_dtype: DType,
+        staged: &mut Staged,
+    ) -> Result<RefreshOutcome> {
+        let c = &self.0;
+        let kind = c.preconditioner;
+        let outcome = if matches!(
+            kind,
+            PreconditionerKind::RootInv | PreconditionerKind::RootInvKl
+        ) {
+            let idt = c.inv_factor_matrix_dtype.dtype();
+            let i_store = storage_dtype(idt, param_dtype);
+            linalg::inverse_root(a, &self.root_request(root))?.try_map(|p| {
+                staged
+                    .tensors
+                    .push((inv_factor_key(b, k), cast(&cast(&p, idt)?, i_store)?));
+                Ok(None)
+            })?
+        } else {
+            let vdt = c.factor_matrix_eigenvectors_dtype.dtype();
+            let v_store = storage_dtype(vdt, param_dtype);
+            let old = state.tensors.get(&eigenvectors_key(b, k));
+            self.eigendecompose(a, old)?.try_map(|basis| {
+                let q = cast(&cast(&basis.vectors, vdt)?, v_store)?;
+                staged.tensors.push((eigenvectors_key(b, k), q.clone()));
+                if kind.is_eigendecomposed() {
+                    let ldt = c.factor_matrix_eigenvalues_dtype.dtype();
+                    let l_store = storage_dtype(ldt, param_dtype);
+                    let values = cast(&cast(&basis.values, ldt)?, l_store)?;
+                    staged.tensors.push((eigenvalues_key(b, k), values));
+                }
+                Ok(Some(q))
+            })?
+        };
+        Ok(match outcome {
+            Robust::Failed {
+                first: LinalgError::NonFiniteInput,
+                ..
+            } => RefreshOutcome::NonFinite,
+            Robust::Failed { first, retry } => RefreshOutcome::Failed(match retry {
+                Some(r) => format!("{first}; f64 retry: {r}"),
+                None => first.to_string(),
+            }),
+            outcome => RefreshOutcome::Done {
+                retried: outcome.was_retried(),
+                basis: outcome.value().expect("not failed"),
+            },
+        })
+    }
+}
+
+/// What one refresh gave.
+enum RefreshOutcome {
+    /// The (bias-corrected) factor is not finite: the step fails.
+    NonFinite,
+    /// The computation failed: the previous root or basis is kept, the failure counted.
+    Failed(String),
+    /// Done (staged); the new basis for eigenvalue-corrected Shampoo.
+    Done {
+        retried: bool,
+        basis: Option<Tensor>,
+    },
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::blocking::counter_key;
+use super::blocking::{counter_key, inv_factor_key};
 use super::*;
 use crate::optim::adamw::AdamStep;
 use crate::optim::kron::Blocks;
@@ -75,9 +75,19 @@ fn defaults_are_the_reference_defaults() {
     assert_eq!(
         c.amortized_computation_config,
         AmortizedComputation::Eigen {
-            perturb_before_computation: true
+            perturb_before_computation: true,
+            tolerance: 0.0
         }
     );
+    assert_eq!(c.preconditioner, PreconditionerKind::RootInv);
+    assert!(c.ignored_basis_change_dims.is_empty());
+    for d in [
+        c.factor_matrix_eigenvectors_dtype,
+        c.factor_matrix_eigenvalues_dtype,
+        c.corrected_eigenvalues_dtype,
+    ] {
+        assert_eq!(d, FactorDtype::Float32);
+    }
     assert!(!c.use_trace_scaling && !c.drop_weighting_factor_on_gsquare);
     assert_eq!(c.inverse_exponent(1, 0), 0.5);
     assert_eq!(c.inverse_exponent(2, 1), 0.25);
@@ -749,6 +759,7 @@ fn degenerate_gradients_never_give_silent_nans() {
                 },
                 amortized_computation_config: AmortizedComputation::Eigen {
                     perturb_before_computation: false,
+                    tolerance: 0.0,
                 },
                 use_trace_scaling: true,
                 ..ShampooConfig::default()
@@ -1072,10 +1083,9 @@ fn reference_hparams_map_and_non_neutral_options_fail() {
             }),
         ),
         (
-            "EigenvalueCorrectedShampooPreconditionerConfig",
+            "SpectralDescentPreconditionerConfig",
             Box::new(|h| {
-                h["preconditioner_config"]["type"] =
-                    json!("EigenvalueCorrectedShampooPreconditionerConfig")
+                h["preconditioner_config"]["type"] = json!("SpectralDescentPreconditionerConfig")
             }),
         ),
         (

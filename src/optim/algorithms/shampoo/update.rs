@@ -4,8 +4,8 @@
 
 use candle_core::{Tensor, Var};
 
-use super::blocking::{inv_factor_key, Plan};
-use super::config::{IterateAveraging, WeightDecayType};
+use super::blocking::Plan;
+use super::config::{IterateAveraging, PreconditionerKind, WeightDecayType};
 use super::grafting::{GraftCoeffs, Grafting};
 use super::roots::cast;
 use super::Shampoo;
@@ -165,7 +165,8 @@ impl Shampoo {
         let d = match (&a, graft_only) {
             (Some(a), true) => a.clone(),
             _ => {
-                let idt = c.inv_factor_matrix_dtype.dtype();
+                let corrected = c.preconditioner == PreconditionerKind::EigenvalueCorrected;
+                let rdt = self.root_dtype();
                 let gbar_blocks = plan.blocks.split(&plan.layout.to_view(&gbar)?)?;
                 let a_blocks = match &a {
                     Some(a) => Some(plan.blocks.split(&plan.layout.to_view(a)?)?),
@@ -173,23 +174,19 @@ impl Shampoo {
                 };
                 let mut ds = Vec::with_capacity(gbar_blocks.len());
                 for (b, gb) in gbar_blocks.iter().enumerate() {
-                    let mats: Vec<Option<Tensor>> = (0..plan.roots.len())
-                        .map(|k| {
-                            if plan.roots[k].is_none() {
-                                return Ok(None);
-                            }
-                            // No root yet: the identity, skipped exactly.
-                            match state.tensors.get(&inv_factor_key(b, k)) {
-                                Some(p) => Ok(Some(cast(p, idt)?)),
-                                None => Ok(None),
-                            }
-                        })
-                        .collect::<Result<_>>()?;
-                    let s = if mats.iter().all(Option::is_none) {
-                        gb.clone()
+                    let s = if corrected {
+                        self.corrected_direction(plan, b, gb, state, t)?
                     } else {
-                        let x = cast(gb, idt)?;
-                        cast(&mode_products(&x, &mats, true)?, T::DTYPE)?
+                        let mats: Vec<Option<Tensor>> = (0..plan.roots.len())
+                            .map(|k| self.current_root(state, plan, b, k, rdt, gb.device()))
+                            .collect::<Result<_>>()?;
+                        if mats.iter().all(Option::is_none) {
+                            // No root yet: the identity, skipped exactly.
+                            gb.clone()
+                        } else {
+                            let x = cast(gb, rdt)?;
+                            cast(&mode_products(&x, &mats, true)?, T::DTYPE)?
+                        }
                     };
                     let d = match &a_blocks {
                         None => s,
