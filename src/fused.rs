@@ -111,8 +111,10 @@ pub fn zip_mut_or_kernel<T: Float>(
     zip_mut(outs, ins, body)
 }
 
-/// Runs `f` compiled for the widest vector instruction set this CPU has: AVX-512, AVX2 + FMA,
-/// or baseline x86-64, chosen at run time (the release build targets baseline x86-64, so loops
+/// Runs `f` compiled for the widest vector instruction set it is built for that this CPU has:
+/// AVX2 + FMA or baseline x86-64, chosen at run time (AVX-512 is left out on purpose: enabling
+/// pulp's `x86-v4` for these passes would also switch faer's linear algebra to AVX-512 code that
+/// rounds differently; see `docs/reproducibility.md`) (the release build targets baseline x86-64, so loops
 /// written plainly would never use wider registers). `f` must be inlined into the dispatched
 /// copies for this to take effect: use it through [`vectorized!`](crate::vectorized), which
 /// marks the closure `#[inline(always)]`.
@@ -274,6 +276,18 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// pulp's AVX-512 dispatch stays compiled out: features are shared with faer, whose
+    /// eigensolvers round differently on AVX-512 code paths (cbs-demo's SOAP run at B = 8 came
+    /// out different on an AVX-512 machine until it was). Only an AVX-512 CPU can tell.
+    #[test]
+    fn simd_dispatch_never_picks_avx512() {
+        let arch = format!("{:?}", pulp::Arch::new());
+        assert!(
+            !arch.starts_with("V4"),
+            "pulp dispatches to {arch}: something enabled pulp's `x86-v4` feature"
+        );
+    }
 
     #[test]
     fn updates_several_buffers_in_place() -> Result<()> {

@@ -1,5 +1,5 @@
 //! A step's result does not depend on the number of worker threads (parameters update in
-//! parallel) nor on the instruction set the fused passes run with (AVX2/AVX-512 or baseline
+//! parallel) nor on the instruction set the fused passes run with (AVX2 or baseline
 //! x86-64): for every registered optimizer, in f32 and f64, the parameters and the saved state
 //! are the same bits.
 

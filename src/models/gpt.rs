@@ -337,7 +337,7 @@ impl Gpt {
     fn logits_fused(&self, tokens: &Tensor, t: usize) -> Result<Tensor> {
         let nh = self.cfg.n_heads;
         let eps = self.cfg.layer_norm_eps;
-        let mm = |x: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?) };
+        let mm = ops::linear;
         let mut x = self.wte.index_select(&tokens.flatten_all()?, 0)?;
         for block in &self.blocks {
             let h = ops::layer_norm(&x, &block.attn_norm, eps)?;

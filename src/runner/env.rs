@@ -28,7 +28,9 @@ pub struct EnvInfo {
     pub gpu: Option<DeviceInfo>,
     /// CPU model (from /proc/cpuinfo, Linux).
     pub cpu: Option<String>,
-    /// CPU features candle was built with (`avx`, `f16c`, `neon`, `mkl`, `accelerate`).
+    /// CPU features candle was built with (`avx`, `f16c`, `neon`, `mkl`, `accelerate`), then
+    /// those the CPU has that change how products round (`fma`, `avx2`, `avx512f`: see
+    /// `docs/reproducibility.md`).
     pub cpu_features: Vec<String>,
     /// Operating system and architecture.
     pub os: String,
@@ -89,6 +91,16 @@ impl EnvInfo {
             (utils::with_neon(), "neon"),
             (utils::has_mkl(), "mkl"),
             (utils::has_accelerate(), "accelerate"),
+        ] {
+            if on {
+                cpu_features.push(name.to_string());
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        for (on, name) in [
+            (std::arch::is_x86_feature_detected!("fma"), "fma"),
+            (std::arch::is_x86_feature_detected!("avx2"), "avx2"),
+            (std::arch::is_x86_feature_detected!("avx512f"), "avx512f"),
         ] {
             if on {
                 cpu_features.push(name.to_string());

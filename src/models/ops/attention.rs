@@ -120,7 +120,8 @@ impl Dims {
 }
 
 /// `dst (m×n) = beta·lhs (m×k) · rhs (k×n)` (`acc`: `dst += …`), single-threaded, with
-/// (row stride, column stride) pairs.
+/// (row stride, column stride) pairs, summed in the fixed order of
+/// [`super::matmul::gemm_fixed`] (it matters from contexts above 512 on).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn matmul<T: Elem>(
@@ -136,25 +137,18 @@ unsafe fn matmul<T: Elem>(
     beta: T,
     acc: bool,
 ) {
-    gemm::gemm(
+    super::matmul::gemm_fixed(
         m,
         n,
         k,
         dst,
-        dst_s.1 as isize,
-        dst_s.0 as isize,
-        acc,
+        dst_s,
         lhs,
-        lhs_s.1 as isize,
-        lhs_s.0 as isize,
+        lhs_s,
         rhs,
-        rhs_s.1 as isize,
-        rhs_s.0 as isize,
-        T::ONE,
+        rhs_s,
         beta,
-        false,
-        false,
-        false,
+        acc,
         Parallelism::None,
     )
 }

@@ -1,7 +1,9 @@
 //! Fused CPU kernels, with backward passes, for the decoder's hot chains: LayerNorm without bias
 //! ([`layer_norm`]), exact-erf GeLU ([`gelu`]), half-split RoPE over the heads of a `(batch,
-//! time, d_model)` tensor ([`rope`]), causal multi-head attention ([`attention`]) and mean
-//! cross-entropy with the optional z-loss ([`cross_entropy`]).
+//! time, d_model)` tensor ([`rope`]), causal multi-head attention ([`attention`]), mean
+//! cross-entropy with the optional z-loss ([`cross_entropy`]), and the linear layers' products
+//! ([`linear`]), whose sums run in an order fixed by the shapes alone (`matmul.rs`), so a run's
+//! bits do not depend on the machine's L1 cache.
 //!
 //! Each is one candle custom op whose `bwd` computes the input gradients in one pass over the
 //! saved inputs, where the primitive-op composition allocates a tensor per step of the chain in
@@ -21,12 +23,14 @@ mod attention;
 mod cross_entropy;
 mod gelu;
 mod layer_norm;
+mod matmul;
 mod rope;
 
 pub use attention::attention;
 pub use cross_entropy::{cross_entropy, FusedLoss};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use matmul::{linear, sum_blocks, SUM_BLOCK};
 pub use rope::rope;
 
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
