@@ -33,6 +33,12 @@
 //! `D` — with a constant learning rate one set of runs long enough for the largest `D` serves
 //! every smaller one, so `B*` against data size needs no budget axis.
 //!
+//! **Over seeds** (sweeps with more than one seed): steps to each target per cell and seed
+//! (each seed minimised over its own runs of the cell, against the pooled target), the fits and
+//! power laws repeated on each seed's runs alone, and final loss against learning rate with its
+//! stability ranges, each with mean ± standard deviation and a percentile bootstrap interval of
+//! the mean over the seeds ([`crate::analysis::seeds`]).
+//!
 //! Nothing in `report.json` except its `timing` object depends on wall-clock time, so an
 //! interrupted and resumed sweep reports exactly what an uninterrupted one does.
 
@@ -244,6 +250,29 @@ pub struct SeedCbs {
     pub b_star_interval: Option<BootstrapInterval>,
 }
 
+/// Steps to a target in one cell over seeds: for each seed, the first evaluation below the
+/// sweep's target, minimised over that seed's runs of the cell (learning rates, other `set`
+/// axes), as the pooled table minimises over all of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedSteps {
+    /// Target index.
+    pub target: usize,
+    /// Group (optimizer, or optimizer/scenario).
+    pub group: String,
+    /// Optimizer label.
+    pub optimizer: String,
+    /// Scenario.
+    pub scenario: String,
+    /// Batch size.
+    pub batch_size: usize,
+    /// `(seed, steps)` for each seed with counted runs in the cell (`None`: not reached).
+    pub per_seed: Vec<(u64, Option<u64>)>,
+    /// Steps over the seeds that reached the target (`None` when none did).
+    pub steps: Option<SeedStats>,
+    /// Percentile bootstrap interval (over those seeds) of the mean steps.
+    pub interval: Option<BootstrapInterval>,
+}
+
 /// A power law of `B*` over seeds: its exponent fitted on each seed's runs alone.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeedLaw {
@@ -405,6 +434,9 @@ pub struct SweepReport {
     pub power_laws: Vec<OptimizerLaws>,
     /// Power laws against data size across targets, per scenario.
     pub data_laws: Vec<DataLaw>,
+    /// Steps to target per cell and seed (only when the runs have more than one seed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub seed_steps: Vec<SeedSteps>,
     /// `B*` per seed (only when the runs have more than one seed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub seed_cbs: Vec<SeedCbs>,
@@ -841,6 +873,8 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
     }
 
     let (seed_cbs, seed_laws) = seed_cbs_analysis(plan, &runs)?;
+    let seed_steps =
+        seed_steps_analysis(&targets, &scenarios, &optimizers, &spec.batch_sizes, &runs);
 
     let counts = Counts {
         planned: runs.len(),
@@ -863,6 +897,7 @@ fn build_from(plan: &Plan, mut runs: Vec<RunResult>) -> Result<SweepReport> {
         cbs_failures: failures,
         power_laws,
         data_laws,
+        seed_steps,
         seed_cbs,
         seed_laws,
         run_results: runs,
@@ -974,6 +1009,70 @@ fn seed_cbs_analysis(plan: &Plan, runs: &[RunResult]) -> Result<(Vec<SeedCbs>, V
         });
     }
     Ok((seed_cbs, seed_laws))
+}
+
+/// Steps to each target per cell and seed, from the runs' own steps to target (empty unless the
+/// counted runs have more than one seed).
+fn seed_steps_analysis(
+    targets: &[TargetValue],
+    scenarios: &[String],
+    optimizers: &[String],
+    batch_sizes: &[usize],
+    runs: &[RunResult],
+) -> Vec<SeedSteps> {
+    let counted = || runs.iter().filter(|r| r.counted());
+    let seeds: BTreeSet<u64> = counted().map(|r| r.coords.seed).collect();
+    if seeds.len() < 2 {
+        return Vec::new();
+    }
+    let many = scenarios.len() > 1;
+    let mut out = Vec::new();
+    for (ti, t) in targets.iter().enumerate() {
+        for s in scenarios.iter().filter(|s| t.values.contains_key(*s)) {
+            for o in optimizers {
+                for &b in batch_sizes {
+                    let cell = || {
+                        counted().filter(|r| {
+                            &r.coords.optimizer == o
+                                && r.coords.batch_size == b
+                                && &r.coords.scenario() == s
+                        })
+                    };
+                    let cell_seeds: BTreeSet<u64> = cell().map(|r| r.coords.seed).collect();
+                    if cell_seeds.is_empty() {
+                        continue;
+                    }
+                    let per_seed: Vec<(u64, Option<u64>)> = cell_seeds
+                        .iter()
+                        .map(|&seed| {
+                            let steps = cell()
+                                .filter(|r| r.coords.seed == seed)
+                                .filter_map(|r| r.steps_to_target.get(ti).copied().flatten())
+                                .min();
+                            (seed, steps)
+                        })
+                        .collect();
+                    let reached: Vec<f64> = per_seed
+                        .iter()
+                        .filter_map(|x| x.1)
+                        .map(|v| v as f64)
+                        .collect();
+                    let salt = 2_000 + out.len() as u64;
+                    out.push(SeedSteps {
+                        target: ti,
+                        group: group_name(o, s, many),
+                        optimizer: o.clone(),
+                        scenario: s.clone(),
+                        batch_size: b,
+                        steps: seed_stats(&reached),
+                        interval: mean_interval(&reached, salt),
+                        per_seed,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Final loss against learning rate over seeds, and the learning-rate ranges within
@@ -1272,6 +1371,33 @@ pub fn write(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<PathBu
         }
     }
     put("lr_curves.csv", csv, &mut written)?;
+    if !report.seed_steps.is_empty() {
+        let mut csv = String::from(
+            "target,group,batch_size,n_seeds,n_reached,steps_mean,steps_std,steps_lo,steps_hi,\
+             per_seed\n",
+        );
+        for c in &report.seed_steps {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{},{}",
+                c.target,
+                csv_field(&c.group),
+                c.batch_size,
+                c.per_seed.len(),
+                c.steps.map_or(0, |x| x.n),
+                opt_num(c.steps.map(|x| x.mean)),
+                opt_num(c.steps.map(|x| x.std)),
+                opt_num(c.interval.map(|x| x.lo)),
+                opt_num(c.interval.map(|x| x.hi)),
+                c.per_seed
+                    .iter()
+                    .map(|x| format!("{}:{}", x.0, x.1.map_or("".into(), |v| v.to_string())))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            );
+        }
+        put("steps_seeds.csv", csv, &mut written)?;
+    }
     if !report.seed_cbs.is_empty() {
         let mut csv = String::from(
             "target,group,n_seeds,b_star_mean,b_star_std,b_star_lo,b_star_hi,\
@@ -2042,6 +2168,42 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
             md += "\n";
         }
     }
+    if !report.seed_steps.is_empty() {
+        let (resamples, level) = SEED_BOOTSTRAP;
+        let _ = writeln!(
+            md,
+            "## Steps to target over seeds\n\nPer seed, the first evaluation below the target, \
+             minimised over that seed's runs of the cell (learning rates and other axes; `—`: not \
+             reached); mean ± standard deviation and the {}% percentile bootstrap interval of the \
+             mean ({resamples} resamples) over the seeds that reached it.\n\n| target | group | \
+             batch size | steps per seed | mean ± sd | interval of the mean |\n|---|---|---|---|---|---|",
+            level * 100.0
+        );
+        for c in &report.seed_steps {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                c.target,
+                c.group,
+                c.batch_size,
+                c.per_seed
+                    .iter()
+                    .map(|x| match x.1 {
+                        Some(v) => format!("{v} (seed {})", x.0),
+                        None => format!("— (seed {})", x.0),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.steps
+                    .map(|x| format!("{:.1} ± {:.1}", x.mean, x.std))
+                    .unwrap_or_default(),
+                c.interval
+                    .map(|x| format!("{:.1} – {:.1}", x.lo, x.hi))
+                    .unwrap_or_default()
+            );
+        }
+        md += "\n";
+    }
     if !report.seed_cbs.is_empty() {
         let (resamples, level) = SEED_BOOTSTRAP;
         let _ = writeln!(
@@ -2686,6 +2848,91 @@ metric = "raw"
         )
         .unwrap();
         assert!(single.seed_cbs.is_empty() && single.seed_laws.is_empty());
+    }
+
+    #[test]
+    fn steps_to_target_are_given_per_seed() {
+        let spec = SPEC.replace(
+            "batch_size = [2, 4, 8, 16, 32]\n",
+            "batch_size = [2, 4, 8, 16, 32]\nseed = [0, 1, 2]\n",
+        );
+        let plan = SweepSpec::parse(&spec).unwrap().plan().unwrap();
+        // Seed s progresses at (1 + s/2) times seed 0's rate, so it needs fewer steps, and
+        // seed 0 of the wide model at B = 2 never gets below any target.
+        let mut runs = synthetic(&plan);
+        for r in runs.iter_mut() {
+            let b = r.coords.batch_size as f64;
+            let c = if r.coords.model == "wide" { 0.2 } else { 0.1 };
+            let rate = 1.0 + 0.5 * r.coords.seed as f64;
+            let stuck = r.coords.model == "wide" && r.coords.seed == 0 && b == 2.0;
+            for e in r.evals.iter_mut() {
+                e.loss = if stuck {
+                    9.0
+                } else {
+                    5.0 / (1.0 + rate * progress(e.step as f64, b, c))
+                };
+            }
+            r.final_loss = r.evals.last().map(|e| e.loss);
+        }
+        let report = build_from(&plan, runs).unwrap();
+        assert!(!report.seed_steps.is_empty());
+        let mut not_reached = 0;
+        for c in &report.seed_steps {
+            assert_eq!(c.per_seed.len(), 3, "{c:?}");
+            // Each seed's figure is the minimum of its own runs' steps to the target ...
+            for &(seed, steps) in &c.per_seed {
+                let own = report
+                    .run_results
+                    .iter()
+                    .filter(|r| {
+                        r.coords.seed == seed
+                            && r.coords.optimizer == c.optimizer
+                            && r.coords.batch_size == c.batch_size
+                            && r.coords.scenario() == c.scenario
+                    })
+                    .filter_map(|r| r.steps_to_target[c.target])
+                    .min();
+                assert_eq!(steps, own, "{c:?}");
+            }
+            // ... the pooled table's figure is the smallest of them ...
+            let pooled = report
+                .steps_to_target
+                .iter()
+                .find(|p| {
+                    p.target == c.target
+                        && p.optimizer == c.optimizer
+                        && p.scenario == c.scenario
+                        && p.batch_size == c.batch_size
+                })
+                .map(|p| p.steps);
+            assert_eq!(pooled, c.per_seed.iter().filter_map(|x| x.1).min(), "{c:?}");
+            // ... and faster seeds need no more steps.
+            let reached: Vec<u64> = c.per_seed.iter().filter_map(|x| x.1).collect();
+            assert!(reached.windows(2).all(|w| w[0] >= w[1]), "{c:?}");
+            if c.per_seed[0].1.is_none() {
+                not_reached += 1;
+                assert_eq!(c.steps.unwrap().n, reached.len());
+            }
+            if let (Some(st), Some(iv)) = (c.steps, c.interval) {
+                assert!(iv.lo <= st.mean && st.mean <= iv.hi, "{c:?}");
+            }
+        }
+        assert!(not_reached > 0, "the stuck runs must show as not reached");
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(&report, &plan, dir.path()).unwrap();
+        assert!(written.iter().any(|p| p.ends_with("steps_seeds.csv")));
+        let csv = std::fs::read_to_string(dir.path().join("steps_seeds.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + report.seed_steps.len());
+        assert!(csv.contains(";0:;") || csv.contains(",0:;"), "{csv}");
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## Steps to target over seeds"));
+        assert!(md.contains("— (seed 0)"), "{md}");
+        // One seed: no such section.
+        let single = SweepSpec::parse(SPEC).unwrap().plan().unwrap();
+        assert!(build_from(&single, synthetic(&single))
+            .unwrap()
+            .seed_steps
+            .is_empty());
     }
 
     #[test]
