@@ -194,6 +194,14 @@ impl OptimConfig {
                 | OptimConfig::Sophia(_)
                 | OptimConfig::Ademamix(_)
                 | OptimConfig::SimplifiedAdemamix(_)
+                // A sum of squares per block, then one fused pass per block; every length is
+                // checked before the first write.
+                | OptimConfig::Adalayer(_)
+                | OptimConfig::AdalayerSgd(_)
+                // Factored or full second moments and the parameter in one pass, every size
+                // (and the RMS slot written after it) checked before the first write.
+                | OptimConfig::Adafactor(_)
+                | OptimConfig::AdafactorHf(_)
         )
     }
 }

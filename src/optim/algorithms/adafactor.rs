@@ -541,6 +541,18 @@ pub(crate) fn run_pass<T: Float>(
         }
         None => check_sizes("adafactor", n, &[rv])?,
     }
+    // RMS(p) is written after the parameter pass: check its slot now, so that nothing can fail
+    // once the parameter has moved (the driver does not copy Adafactor's parameters, see
+    // `OptimConfig::update_may_fail`).
+    if let Some(t) = rms {
+        if t.dtype() != candle_core::DType::F64 || t.elem_count() != 1 {
+            return Err(Error::State(format!(
+                "adafactor: RMS must be one f64 value, got {:?} {:?}",
+                t.dtype(),
+                t.dims()
+            )));
+        }
+    }
     let mut outs = vec![p, rv];
     outs.extend(c);
     outs.extend(m);
