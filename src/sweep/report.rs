@@ -1915,6 +1915,48 @@ fn write_plots(report: &SweepReport, plan: &Plan, dir: &Path) -> Result<Vec<Path
     Ok(out)
 }
 
+/// Final loss against learning rate, one table per scenario and optimizer: a row per batch size
+/// that `cells(scenario, optimizer, batch size, lrs)` has a curve for, a column per learning
+/// rate of the optimizer's grid (ascending), the cell texts as `cells` gives them (empty: no
+/// point).
+fn lr_tables(
+    md: &mut String,
+    spec: &crate::sweep::spec::SweepSpec,
+    scenarios: &[String],
+    cells: impl Fn(&str, &str, usize, &[f64]) -> Option<Vec<String>>,
+) {
+    for s in scenarios {
+        for o in &spec.optimizers {
+            let mut lrs: Vec<f64> = o.lr.to_vec();
+            lrs.sort_by(f64::total_cmp);
+            let _ = writeln!(
+                md,
+                "{}\n\n| batch size |{}\n|---|{}",
+                titled(&o.label, s),
+                lrs.iter()
+                    .map(|l| format!(" lr {} |", fmt_g(*l)))
+                    .collect::<String>(),
+                "---|".repeat(lrs.len())
+            );
+            for &b in &spec.batch_sizes {
+                let Some(row) = cells(s, &o.label, b, &lrs) else {
+                    continue;
+                };
+                let mut line = format!("| {b} |");
+                for c in row {
+                    if c.is_empty() {
+                        line += " |";
+                    } else {
+                        let _ = write!(line, " {c} |");
+                    }
+                }
+                let _ = writeln!(md, "{line}");
+            }
+            md.push('\n');
+        }
+    }
+}
+
 fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) -> String {
     let spec = &plan.spec;
     let mut md = String::new();
@@ -2131,43 +2173,21 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
         }
     }
     let _ = writeln!(md, "\n## Final loss vs learning rate\n");
-    for s in &scenarios {
-        for o in &spec.optimizers {
-            let lrs: Vec<f64> = o.lr.to_vec();
-            let mut lrs = lrs;
-            lrs.sort_by(f64::total_cmp);
-            let _ = writeln!(
-                md,
-                "{}\n\n| batch size |{}\n|---|{}",
-                titled(&o.label, s),
-                lrs.iter()
-                    .map(|l| format!(" lr {} |", fmt_g(*l)))
-                    .collect::<String>(),
-                "---|".repeat(lrs.len())
-            );
-            for &b in &spec.batch_sizes {
-                let Some(curve) = report
-                    .lr_curves
-                    .iter()
-                    .find(|c| &c.scenario == s && c.optimizer == o.label && c.batch_size == b)
-                else {
-                    continue;
-                };
-                let mut row = format!("| {b} |");
-                for l in &lrs {
-                    match curve.points.iter().find(|p| p.0 == *l) {
-                        Some((_, x)) if x.is_finite() => {
-                            let _ = write!(row, " {x:.4} |");
-                        }
-                        Some(_) => row += " diverged |",
-                        None => row += " |",
-                    }
-                }
-                let _ = writeln!(md, "{row}");
-            }
-            md += "\n";
-        }
-    }
+    lr_tables(&mut md, spec, &scenarios, |s, o, b, lrs| {
+        let curve = report
+            .lr_curves
+            .iter()
+            .find(|c| c.scenario == s && c.optimizer == o && c.batch_size == b)?;
+        Some(
+            lrs.iter()
+                .map(|l| match curve.points.iter().find(|p| p.0 == *l) {
+                    Some((_, x)) if x.is_finite() => format!("{x:.4}"),
+                    Some(_) => "diverged".into(),
+                    None => String::new(),
+                })
+                .collect(),
+        )
+    });
     if !report.seed_steps.is_empty() {
         let (resamples, level) = SEED_BOOTSTRAP;
         let _ = writeln!(
@@ -2271,42 +2291,23 @@ fn markdown(report: &SweepReport, plan: &Plan, dir: &Path, plots: &[PathBuf]) ->
              final loss over the seeds (n per cell in `lr_seeds.csv`); `diverged` where a seed \
              diverged.\n"
         );
-        for s in &scenarios {
-            for o in &spec.optimizers {
-                let mut lrs: Vec<f64> = o.lr.to_vec();
-                lrs.sort_by(f64::total_cmp);
-                let _ = writeln!(
-                    md,
-                    "{}\n\n| batch size |{}\n|---|{}",
-                    titled(&o.label, s),
-                    lrs.iter()
-                        .map(|l| format!(" lr {} |", fmt_g(*l)))
-                        .collect::<String>(),
-                    "---|".repeat(lrs.len())
-                );
-                for &b in &spec.batch_sizes {
-                    let Some(curve) = report
-                        .lr_seed_curves
-                        .iter()
-                        .find(|c| &c.scenario == s && c.optimizer == o.label && c.batch_size == b)
-                    else {
-                        continue;
-                    };
-                    let mut row = format!("| {b} |");
-                    for l in &lrs {
-                        match curve.points.iter().find(|p| p.lr == *l) {
-                            Some(p) if p.stats.mean.is_finite() => {
-                                let _ = write!(row, " {:.4} ± {:.4} |", p.stats.mean, p.stats.std);
-                            }
-                            Some(_) => row += " diverged |",
-                            None => row += " |",
+        lr_tables(&mut md, spec, &scenarios, |s, o, b, lrs| {
+            let curve = report
+                .lr_seed_curves
+                .iter()
+                .find(|c| c.scenario == s && c.optimizer == o && c.batch_size == b)?;
+            Some(
+                lrs.iter()
+                    .map(|l| match curve.points.iter().find(|p| p.lr == *l) {
+                        Some(p) if p.stats.mean.is_finite() => {
+                            format!("{:.4} ± {:.4}", p.stats.mean, p.stats.std)
                         }
-                    }
-                    let _ = writeln!(md, "{row}");
-                }
-                md += "\n";
-            }
-        }
+                        Some(_) => "diverged".into(),
+                        None => String::new(),
+                    })
+                    .collect(),
+            )
+        });
         let _ = writeln!(
             md,
             "## Learning-rate stability\n\nThe learning rates whose mean final loss is within a \
